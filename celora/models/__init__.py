@@ -1,0 +1,1 @@
+"""Backbones and the classifier that puts a task head on them."""

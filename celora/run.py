@@ -1,0 +1,87 @@
+"""The experiment, top to bottom: seed, data, partition, model, adapter, exchange, simulate, summarise."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from celora.adapters import inject
+from celora.data.batches import Collate, Encoded
+from celora.data.partition import label_counts
+from celora.fl.simulation import ClientConfig, FLConfig, derive_seed
+from celora.fl.wire import Exchange, wire_dtype
+from celora.metrics import Metrics, summarize
+
+log = logging.getLogger("celora")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def _run_dir(run_dir) -> Path:
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "outputs/run"
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Runs one experiment from a composed config; returns the summary also written to summary.json."""
+    out = _run_dir(run_dir)
+    torch.manual_seed(cfg.seed)
+    fl = FLConfig(**{**OmegaConf.to_container(cfg.fl), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
+    adapter = instantiate(cfg.adapter)  # validates itself
+
+    backbone = instantiate(cfg.model)
+    data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
+    splits = instantiate(cfg.partition).split(data.train, fl.num_clients, cfg.seed)
+    counts = label_counts(data.train, splits, data.num_classes)
+    (out / "partition.json").write_text(json.dumps({"label_names": data.label_names, "clients": counts}, indent=1))
+    log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
+
+    model = backbone.classifier(data.num_classes, seed=cfg.seed)
+    targets = adapter.targets or backbone.default_targets
+    if not targets:
+        raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
+    # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
+    inject(model, adapter, targets, seed=derive_seed(cfg.seed, 2))
+    aggregator = instantiate(cfg.aggregator)
+    exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
+
+    sink = instantiate(cfg.logger)
+    if hasattr(sink, "kwargs") and sink.kwargs.get("dir") is None:
+        sink.kwargs["dir"] = str(out)
+    metrics = Metrics(out, sink)
+    summary: dict = {}
+    try:
+        sink.log_config(OmegaConf.to_container(cfg, resolve=True))
+        client = ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=cfg.client.local_steps,
+                              batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
+                              grad_clip=cfg.client.grad_clip)
+        sim = instantiate(cfg.simulation)(
+            model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
+            test=Encoded(data.test), splits=splits, fl=fl, client=client, seed=cfg.seed,
+            collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
+        )
+        t0 = time.perf_counter()
+        rows = sim.run()
+        params = dict(model.named_parameters())
+        summary = {
+            **summarize(rows),
+            "time/total_s": time.perf_counter() - t0,
+            "params/trainable_per_client": sum(params[n].numel() for n in exchange.trainable),
+            "params/shared_per_client": sum(params[n].numel() for n in exchange.shared),
+            "params/adapted_modules": len([n for n in params if n.endswith(".lora_A")]),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        sink.finish(summary)
+    return summary

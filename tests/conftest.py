@@ -1,0 +1,30 @@
+"""Shared fixtures: the config dir, and a tiny composed config for end-to-end runs."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF_DIR = (Path(__file__).resolve().parents[1] / "conf").resolve()
+
+# Shrinks the embedded default to seconds: tiny random BERT, a few hundred reviews, 3 clients.
+TINY = [
+    "model=tiny_bert", "dataset.limit=300", "fl.num_clients=3", "fl.rounds=2", "fl.eval_every=1",
+    "fl.sample_fraction=1.0", "client.local_steps=2", "client.batch_size=8", "logger=none",
+    "simulation.progress=false", "partition=iid",
+]
+
+
+@pytest.fixture
+def compose_cfg():
+    from hydra import compose, initialize_config_dir
+
+    def _compose(*overrides):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    return _compose

@@ -1,0 +1,119 @@
+"""Every option of every config group composes and instantiates; presets and experiments resolve."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from celora.adapters import AdapterConfig
+from conftest import CONF_DIR
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(*overrides, hydra=False):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_group_has_options():
+    for group in ("dataset", "partition", "model", "adapter", "aggregator", "simulation", "logger", "method"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("adapter"))
+def test_adapters_instantiate_and_validate(name):
+    adapter = instantiate(_compose(f"adapter={name}").adapter)
+    assert isinstance(adapter, AdapterConfig) and adapter.name == name
+    assert set(adapter.shared) <= set(adapter.trainable)
+
+
+@pytest.mark.parametrize("name", options("aggregator"))
+def test_aggregators_instantiate(name):
+    agg = instantiate(_compose(f"aggregator={name}").aggregator)
+    assert callable(agg) and isinstance(agg.communicates, bool)
+
+
+@pytest.mark.parametrize("name", options("partition"))
+def test_partitions_instantiate(name):
+    part = instantiate(_compose(f"partition={name}").partition)
+    assert hasattr(part, "split") and 0 <= part.local_test_fraction < 1
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_loggers_instantiate(name, tmp_path):
+    sink = instantiate(_compose(f"logger={name}").logger)
+    for method in ("log", "log_config", "finish"):
+        assert callable(getattr(sink, method))
+
+
+@pytest.mark.parametrize("name", options("simulation"))
+def test_simulations_instantiate(name):
+    factory = instantiate(_compose(f"simulation={name}").simulation)
+    assert callable(factory)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_models_instantiate(name):
+    from celora.models.text import minilm_folder
+
+    extra = [f"model.path={minilm_folder()}"] if name == "hf_encoder" else []
+    spec = instantiate(_compose(f"model={name}", *extra).model)
+    assert spec.hidden_size > 0 and spec.tokenizer.pad_token_id is not None and spec.default_targets
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_datasets_instantiate(name, tmp_path):
+    from celora.models.text import from_config
+
+    tok = from_config("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32).tokenizer
+    extra = [f"dataset.cache_dir={tmp_path / 'cache'}"]
+    if name == "hf":
+        csv = tmp_path / "reviews.csv"
+        csv.write_text("text,label\n" + "".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40)))
+        extra += ["dataset.path=csv", f"dataset.data_files=[{csv}]", "dataset.split_test=null"]
+    else:
+        extra += ["dataset.limit=200"]
+    data = instantiate(_compose(f"dataset={name}", *extra).dataset)(tokenizer=tok, max_length=32, seed=0)
+    assert data.num_classes == 2 and len(data.train) > len(data.test) > 0
+    assert {"input_ids", "label"} <= set(data.train.column_names)
+
+
+@pytest.mark.parametrize("name", options("method"))
+def test_method_presets_pick_adapter_and_aggregator(name):
+    cfg = _compose(f"method={name}")
+    adapter = instantiate(cfg.adapter)
+    agg = instantiate(cfg.aggregator)
+    if name in ("local", "centralized"):
+        assert not agg.communicates
+    else:
+        assert adapter.name == name and agg.communicates
+
+
+def test_command_line_group_beats_preset():
+    # `method=local adapter=tri`: local training of the tri adapter
+    cfg = _compose("method=local", "adapter=tri")
+    assert cfg.adapter.name == "tri" and cfg.aggregator._target_.endswith("Local")
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose(name):
+    cfg = _compose(f"experiment={name}", hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params, "an experiment file declares its sweep"
+    for key, values in params.items():
+        group = key.lstrip("+")
+        if (CONF_DIR / group).is_dir():
+            for value in str(values).split(","):
+                assert (CONF_DIR / group / f"{value}.yaml").exists(), (key, value)
+
+
+def test_default_is_the_embedded_experiment():
+    cfg = _compose()
+    assert cfg.model._target_.endswith("minilm") and cfg.dataset._target_.endswith("rotten_tomatoes")
+    assert cfg.fl.num_clients == 10 and cfg.logger.mode == "offline"
+    assert Path(CONF_DIR / "config.yaml").exists()
