@@ -82,6 +82,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             "params/adapted_modules": len([n for n in params if n.endswith(".lora_A")]),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        last = summary["last"]
+        log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
+                 summary["time/total_s"], last.get("global/acc"), last["personal/acc"],
+                 last["comm/up_bytes_cum"] / 1e6, out)
     finally:
         sink.finish(summary)
     return summary

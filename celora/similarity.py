@@ -1,0 +1,281 @@
+"""Client similarity (class-Gaussian MMD, update cosine) and the personalised weights built on it."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+VAR_FLOOR = 1e-6
+COUNT_FLOOR = 1e-3
+_TINY = torch.finfo(torch.float64).tiny
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One client's per-class summary (float64): counts [C], means [C, d], diagonal variances [C, d].
+
+    A class with count 0 carries placeholder moments and gets zero mixture weight downstream.
+    """
+
+    counts: Tensor
+    means: Tensor
+    vars: Tensor
+
+    def __post_init__(self) -> None:
+        c = self.counts.shape[0] if self.counts.dim() == 1 else -1
+        if c < 0 or self.means.dim() != 2 or self.means.shape[0] != c or self.vars.shape != self.means.shape:
+            raise ValueError(f"need counts [C], means [C, d], vars [C, d], got {tuple(self.counts.shape)}, "
+                             f"{tuple(self.means.shape)}, {tuple(self.vars.shape)}")
+
+    @classmethod
+    def from_sufficient(cls, counts: Tensor, sums: Tensor, sumsqs: Tensor,
+                        var_floor: float = VAR_FLOOR) -> ClassStats:
+        """Moments from per-class (count [C], sum [C, d], sum of squares [C, d]); count <= 0 means absent."""
+        counts = counts.double()
+        present = (counts > 0).unsqueeze(1)
+        # Fractional counts are legitimate (noisy DP releases), so only non-positive ones are replaced.
+        safe = torch.where(present, counts.unsqueeze(1), 1.0)
+        means = torch.where(present, sums.double() / safe, 0.0)
+        vars_ = torch.where(present, sumsqs.double() / safe - means**2, 0.0)
+        return cls(counts.clamp_min(0.0), means, vars_.clamp_min(var_floor))
+
+    def nbytes(self, dtype_bytes: int = 4) -> int:
+        """Bytes this summary costs to upload: counts, means and variances at dtype_bytes per value."""
+        return (self.counts.numel() + self.means.numel() + self.vars.numel()) * dtype_bytes
+
+
+def class_gaussians(features: Tensor, labels: Tensor, num_classes: int,
+                    var_floor: float = VAR_FLOOR) -> ClassStats:
+    """Per-class count, mean and maximum-likelihood (divide by n) diagonal variance of the features."""
+    x = features.double()
+    _check_labels(labels, num_classes, x.shape[0])
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    safe = counts.clamp_min(1.0).unsqueeze(1)
+    means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x) / safe
+    # Centred second moment: sumsq/n - mean^2 would cancel badly when |mean| >> std.
+    centred = (x - means[labels]) ** 2
+    vars_ = torch.zeros_like(means).index_add_(0, labels, centred) / safe
+    return ClassStats(counts, means, vars_.clamp_min(var_floor))
+
+
+def clip_rows(features: Tensor, max_norm: float) -> Tensor:
+    """Scale every row whose L2 norm exceeds max_norm down onto the max_norm sphere (float64)."""
+    if not max_norm > 0:
+        raise ValueError(f"clip norm must be > 0, got {max_norm}")
+    x = features.double()
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+    return x * (max_norm / norms).clamp(max=1.0)
+
+
+def gaussian_mechanism_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """Noise std of the classic Gaussian mechanism, sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon.
+
+    Dwork & Roth (2014, Thm A.1) prove (epsilon, delta)-DP for epsilon < 1 only; for epsilon >= 1
+    the same formula is a common heuristic, not a proof (the analytic mechanism of Balle & Wang,
+    2018, would be needed there).
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not sensitivity >= 0:
+        raise ValueError(f"sensitivity must be >= 0, got {sensitivity}")
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def privatize(features: Tensor, labels: Tensor, num_classes: int, clip_norm: float,
+              epsilon: float, delta: float, generator: torch.Generator,
+              var_floor: float = VAR_FLOOR, count_floor: float = COUNT_FLOOR) -> tuple[ClassStats, float]:
+    """(epsilon, delta)-DP class Gaussians: clip, release (count, sum, sumsq) per class with Gaussian noise.
+
+    Returns the summary and the noise std sigma used on every released value.
+    """
+    x = clip_rows(features, clip_norm)
+    _check_labels(labels, num_classes, x.shape[0])
+    d = x.shape[1]
+    released = torch.zeros(num_classes, 1 + 2 * d, dtype=torch.float64)
+    released.index_add_(0, labels, torch.cat([torch.ones_like(x[:, :1]), x, x**2], dim=1))
+    # Neighbours differ by adding or removing one example x (||x|| <= R, any label): it moves one
+    # class row only, its count by 1, its sum by x (norm <= R) and its sum of squares by x**2
+    # (norm sqrt(sum x_k^4) <= ||x||^2 <= R^2). One mechanism over the whole concatenated table
+    # therefore has L2 sensitivity sqrt(1 + R^2 + R^4).
+    sensitivity = math.sqrt(1.0 + clip_norm**2 + clip_norm**4)
+    sigma = gaussian_mechanism_sigma(epsilon, delta, sensitivity)
+    noisy = released + sigma * torch.randn(released.shape, generator=generator, dtype=torch.float64)
+    # Everything below is post-processing, so it costs no privacy. A tiny count floor keeps every
+    # class (its weight stays negligible) instead of dividing by a noisy zero.
+    stats = ClassStats.from_sufficient(noisy[:, 0].clamp_min(count_floor), noisy[:, 1:1 + d],
+                                       noisy[:, 1 + d:], var_floor)
+    # The true mean of vectors in the R-ball lies in that ball and no coordinate's variance exceeds
+    # R^2; projecting there bounds what noise divided by a small count can do.
+    means = clip_rows(stats.means, clip_norm)
+    vars_ = stats.vars.clamp(max=max(clip_norm**2, var_floor))
+    return ClassStats(stats.counts, means, vars_), sigma
+
+
+def log_expected_kernel(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor, bandwidth: float) -> Tensor:
+    """log E k(X, Y) for X ~ N(m1, diag v1), Y ~ N(m2, diag v2), k(x, y) = exp(-||x - y||^2 / (2 l^2)).
+
+    Closed form det(I + S / l^2)^(-1/2) exp(-1/2 mu^T (S + l^2 I)^(-1) mu) with S = diag(v1 + v2),
+    mu = m1 - m2; the last dim is the feature dim, leading dims broadcast (pass [C1, 1, d] and
+    [1, C2, d] for a whole table).
+    """
+    l2 = float(bandwidth) ** 2
+    s = v1 + v2
+    # Diagonal S turns the log-determinant and the quadratic form into sums over dimensions;
+    # log1p keeps precision when the variances are small next to l^2.
+    return -0.5 * (torch.log1p(s / l2) + (m1 - m2) ** 2 / (s + l2)).sum(-1)
+
+
+def _log_weights(stats: ClassStats) -> Tensor:
+    """Log label proportions; absent classes get -inf so they drop out of every logsumexp."""
+    total = stats.counts.sum()
+    if not total > 0:
+        raise ValueError("a client's class counts must have a positive sum")
+    return torch.log(stats.counts / total)
+
+
+def _expected_kernel(a: ClassStats, b: ClassStats, bandwidth: float) -> float:
+    """E k(X, Y) with X drawn from a's class mixture and Y from b's, summed over class pairs in log space."""
+    log_k = log_expected_kernel(a.means[:, None], a.vars[:, None], b.means[None], b.vars[None], bandwidth)
+    log_terms = _log_weights(a)[:, None] + _log_weights(b)[None] + log_k
+    return math.exp(torch.logsumexp(log_terms.flatten(), dim=0).item())
+
+
+def _check_bandwidth(bandwidth: float) -> None:
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+
+
+def mmd2_mixtures(stats_i: ClassStats, stats_j: ClassStats, bandwidth: float) -> float:
+    """Squared MMD between two clients' class mixtures of diagonal Gaussians (weights = label proportions)."""
+    _check_bandwidth(bandwidth)
+    value = (_expected_kernel(stats_i, stats_i, bandwidth) + _expected_kernel(stats_j, stats_j, bandwidth)
+             - 2.0 * _expected_kernel(stats_i, stats_j, bandwidth))
+    # The true value is >= 0; a tiny negative is rounding between near-equal terms.
+    return max(value, 0.0)
+
+
+def median_bandwidth(stats: Sequence[ClassStats]) -> float:
+    """Median heuristic on the summaries: sqrt of the median of E||X - Y||^2 over class-component pairs.
+
+    For X, Y from two components a, b, E||X - Y||^2 = ||m_a - m_b||^2 + tr V_a + tr V_b: the
+    expected squared distance between samples, which is what the usual sample median heuristic
+    measures. The median of mean distances alone would ignore the within-class spread; where
+    classes overlap (common for pooled embeddings) that makes l small next to the spread and the
+    determinant factor drives every kernel term towards zero. Pairs are the present (count > 0)
+    components of all clients, each unordered pair once, a component with itself included.
+    """
+    means = torch.cat([s.means[s.counts > 0] for s in stats])
+    traces = torch.cat([s.vars[s.counts > 0].sum(1) for s in stats])
+    if means.shape[0] == 0:
+        raise ValueError("median_bandwidth needs at least one class with a positive count")
+    dist2 = torch.cdist(means, means, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    sq = dist2 + traces[:, None] + traces[None]
+    rows, cols = torch.triu_indices(len(means), len(means))
+    return math.sqrt(sq[rows, cols].median().item())
+
+
+def data_distance(stats: Sequence[ClassStats], bandwidth: float | None = None) -> Tensor:
+    """Pairwise squared MMD [K, K] between clients' class mixtures, normalised by its maximum to [0, 1].
+
+    bandwidth=None uses median_bandwidth over all clients. All zeros when every pair is identical.
+    """
+    length = median_bandwidth(stats) if bandwidth is None else bandwidth
+    _check_bandwidth(length)
+    k = len(stats)
+    self_terms = [_expected_kernel(s, s, length) for s in stats]
+    dist = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i + 1, k):
+            cross = _expected_kernel(stats[i], stats[j], length)
+            dist[i, j] = dist[j, i] = max(self_terms[i] + self_terms[j] - 2.0 * cross, 0.0)
+    top = dist.max()
+    return dist / top if top > 0 else dist
+
+
+def param_distance(vectors: Tensor) -> Tensor:
+    """(1 - cos(u_i, u_j)) / 2 for the rows of vectors [K, p], in [0, 1] with a zero diagonal.
+
+    A zero vector has no direction: its cosine with anything is taken as 0, so its distance to
+    every other client is 0.5 (neither alike nor opposite).
+    """
+    u = vectors.double()
+    unit = u / u.norm(dim=1, keepdim=True).clamp_min(_TINY)
+    dist = (1.0 - (unit @ unit.T).clamp(-1.0, 1.0)) / 2.0
+    return dist.fill_diagonal_(0.0)
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row (last dim) onto {w >= 0, sum w = 1}, exact in O(K log K).
+
+    Sort-based algorithm of Duchi et al. (2008), as written by Wang & Carreira-Perpinan (2013):
+    w = max(v - theta, 0) with theta chosen so that w sums to 1.
+    """
+    v = v.double()
+    u = torch.sort(v, dim=-1, descending=True).values
+    css = u.cumsum(-1) - 1.0
+    ks = torch.arange(1, v.shape[-1] + 1, dtype=torch.float64)
+    # The support size rho is the last sorted position still above its running threshold; taking
+    # the last one (not counting) stays right if rounding flips a comparison near the boundary.
+    rho = torch.where(u - css / ks > 0, ks, 0.0).amax(dim=-1, keepdim=True)
+    theta = css.gather(-1, rho.long() - 1) / rho
+    return (v - theta).clamp_min(0.0)
+
+
+def _check_weights_inputs(dist: Tensor, p: Tensor) -> None:
+    k = p.shape[-1]
+    if p.dim() != 1 or dist.shape != (k, k):
+        raise ValueError(f"need p [K] and D [K, K], got {tuple(p.shape)} and {tuple(dist.shape)}")
+    if (p < 0).any() or abs(p.double().sum().item() - 1.0) > 1e-6:
+        raise ValueError("p must be a probability vector (non-negative, summing to 1)")
+
+
+def simplex_weights(dist: Tensor, p: Tensor, gamma: float) -> Tensor:
+    """W [K, K]: row i = argmin over the simplex of ||w - p||^2 + gamma <w, D_i> = proj(p - gamma/2 D_i)."""
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    _check_weights_inputs(dist, p)
+    p = p.double()
+    if gamma == 0:
+        # p is its own projection; returning it directly keeps gamma = 0 bit-identical to FedAvg
+        # instead of carrying the projection threshold's rounding.
+        return p.expand(len(p), -1).clone()
+    return project_simplex(p[None] - gamma / 2.0 * dist.double())
+
+
+def softmax_weights(dist: Tensor, p: Tensor, tau: float) -> Tensor:
+    """W [K, K] with w_ij proportional to p_j exp(-D_ij / tau), normalised in log space."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_weights_inputs(dist, p)
+    return torch.softmax(torch.log(p.double())[None] - dist.double() / tau, dim=-1)
+
+
+def combined_distance(d_data: Tensor, d_param: Tensor, lam: float) -> Tensor:
+    """D = lam * D_data + (1 - lam) * D_param, zero diagonal; lam = 1 is data only, 0 parameters only."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    dist = lam * d_data.double() + (1.0 - lam) * d_param.double()
+    return dist.fill_diagonal_(0.0)
+
+
+def mix(states: Sequence[Mapping[str, Tensor]], weights: Tensor) -> list[dict[str, Tensor]]:
+    """Personalised states: out_i = sum_j W_ij state_j, key by key, accumulated in float64, cast back."""
+    if not states or weights.dim() != 2 or weights.shape[1] != len(states):
+        raise ValueError(f"need W [M, K] for K = {len(states)} states, got {tuple(weights.shape)}")
+    w = weights.double()
+    out: list[dict[str, Tensor]] = [{} for _ in range(w.shape[0])]
+    for key, ref in states[0].items():
+        mixed = torch.tensordot(w, torch.stack([s[key].double() for s in states]), dims=1)
+        for i, row in enumerate(mixed):
+            out[i][key] = row.to(dtype=ref.dtype, copy=True)
+    return out
+
+
+def _check_labels(labels: Tensor, num_classes: int, n: int) -> None:
+    if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"labels must be [n] = [{n}] integers in [0, {num_classes})")
