@@ -35,9 +35,29 @@ def summarize(rows: list[dict]) -> dict:
     return {"last": rows[-1] if rows else {}, "best": best, "best_round": best_round}
 
 
+def heatmap(matrix, ids: list[int], title: str):
+    """A labelled heatmap figure of a client x client matrix (rows receive, columns give)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(ids), 1.0 + 0.4 * len(ids)))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(ids)), ids)
+    ax.set_yticks(range(len(ids)), ids)
+    ax.set_xlabel("client j")
+    ax.set_ylabel("client i")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
 class NullSink:
     def log(self, row: dict) -> None: ...
     def log_config(self, config: dict) -> None: ...
+    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None: ...
     def finish(self, summary: dict) -> None: ...
 
 
@@ -67,6 +87,18 @@ class WandbSink:
             except Exception as e:
                 warnings.warn(f"W&B log failed (metrics.jsonl still has it): {e}")
 
+    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
+        if self.run is not None:
+            try:
+                import matplotlib.pyplot as plt
+                import wandb
+
+                fig = heatmap(matrix, ids, f"{name}, round {rnd}")
+                self.run.log({f"matrix/{name}": wandb.Image(fig)}, step=rnd)
+                plt.close(fig)
+            except Exception as e:
+                warnings.warn(f"W&B image log failed ({name}.jsonl still has it): {e}")
+
     def finish(self, summary: dict) -> None:
         if self.run is not None:
             try:
@@ -92,3 +124,10 @@ class Metrics:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.sink.log(row)
+
+    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
+        """A client x client matrix (aggregation weights, data distances) to `<name>.jsonl` and the sink."""
+        rows = [[float(v) for v in r] for r in matrix.tolist()]
+        with (self.path.parent / f"{name}.jsonl").open("a") as f:
+            f.write(json.dumps({"round": rnd, "clients": list(ids), "matrix": rows}) + "\n")
+        self.sink.log_matrix(name, rnd, ids, rows)

@@ -42,9 +42,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     backbone = instantiate(cfg.model)
     data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
-    splits = instantiate(cfg.partition).split(data.train, fl.num_clients, cfg.seed)
+    partition = instantiate(cfg.partition)
+    splits = partition.split(data.train, fl.num_clients, cfg.seed)
     counts = label_counts(data.train, splits, data.num_classes)
-    (out / "partition.json").write_text(json.dumps({"label_names": data.label_names, "clients": counts}, indent=1))
+    # latent groups, where the partition has them: the ground truth personalisation should find
+    groups = partition.group_of(fl.num_clients) if hasattr(partition, "group_of") else None
+    (out / "partition.json").write_text(json.dumps(
+        {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
     model = backbone.classifier(data.num_classes, seed=cfg.seed)
@@ -70,6 +74,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
             test=Encoded(data.test), splits=splits, fl=fl, client=client, seed=cfg.seed,
             collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
+            log_matrix=metrics.log_matrix, num_classes=data.num_classes,
         )
         t0 = time.perf_counter()
         rows = sim.run()

@@ -90,6 +90,8 @@ def test_method_presets_pick_adapter_and_aggregator(name):
     agg = instantiate(cfg.aggregator)
     if name in ("local", "centralized"):
         assert not agg.communicates
+    elif name == "celora":  # the tri adapter with personalised aggregation
+        assert adapter.name == "tri" and agg.data_stats is not None
     else:
         assert adapter.name == name and agg.communicates
 
@@ -117,3 +119,12 @@ def test_default_is_the_embedded_experiment():
     assert cfg.model._target_.endswith("minilm") and cfg.dataset._target_.endswith("rotten_tomatoes")
     assert cfg.fl.num_clients == 10 and cfg.logger.mode == "offline"
     assert Path(CONF_DIR / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("name", options("ablation"))
+def test_ablation_presets_instantiate(name):
+    from celora.fl.personalised import CeLoRA
+
+    agg = instantiate(_compose("experiment=ablate_weights", f"+ablation={name}").aggregator)
+    assert isinstance(agg, CeLoRA)
+    assert (agg.data_stats is None) == (agg.lam == 0)

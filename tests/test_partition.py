@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from celora.data.partition import ClientSplit, Dirichlet, Iid, Natural, Pathological, label_counts
+from celora.data.partition import ClientSplit, Dirichlet, Grouped, Iid, Natural, Pathological, label_counts
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "partition"
 NUM_CLASSES = 3
@@ -27,6 +27,7 @@ PARTITIONS = {
     "dirichlet": Dirichlet(alpha=0.5, min_partition_size=10),
     "pathological": Pathological(classes_per_client=1),
     "natural": Natural(column="user"),
+    "grouped": Grouped(groups=3, skew=0.8),
 }
 
 
@@ -179,6 +180,125 @@ def test_configs_instantiate_and_split(data, path):
     if "column" in cfg:
         cfg.column = "user"
 
-    splits = instantiate(cfg).split(data, 3, seed=0)
+    splits = instantiate(cfg).split(data, 6, seed=0)  # 6: divisible by grouped.yaml's 2 groups
 
     assert np.array_equal(np.sort(np.concatenate(_rows(splits))), np.arange(len(data)))
+
+
+def balanced(n_per_class: int, num_classes: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"label": np.repeat(np.arange(num_classes), n_per_class).tolist()})
+
+
+def _shares(labels: np.ndarray, rows: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels[rows], minlength=num_classes) / len(rows)
+
+
+def test_grouped_clients_follow_their_groups_label_distribution():
+    data = balanced(1000, 2)
+    labels = np.asarray(data["label"][:])
+    partition = Grouped(groups=2, skew=0.9)
+
+    splits = partition.split(data, 8, seed=0)
+    groups = partition.group_of(8)
+
+    for s, g in zip(splits, groups):
+        assert _shares(labels, s.train, 2)[g] > 0.8
+    # All data used and, with balanced classes, each group is exactly 90% its own class.
+    for g in range(2):
+        rows = np.concatenate([r for r, h in zip(_rows(splits), groups) if h == g])
+        assert np.allclose(_shares(labels, rows, 2), [0.9, 0.1] if g == 0 else [0.1, 0.9])
+
+
+def test_grouped_same_group_alike_other_groups_differ():
+    data = balanced(1000, 10)
+    labels = np.asarray(data["label"][:])
+    class_groups = [[0, 2, 3, 4, 6], [5, 7, 9], [1, 8]]
+    partition = Grouped(groups=3, clients_per_group=3, skew=0.9, class_groups=class_groups)
+
+    shares = [_shares(labels, rows, 10) for rows in _rows(partition.split(data, 9, seed=0))]
+    groups = partition.group_of(9)
+
+    def tv(i, j):
+        return 0.5 * np.abs(shares[i] - shares[j]).sum()
+
+    same = [tv(i, j) for i in range(9) for j in range(i) if groups[i] == groups[j]]
+    other = [tv(i, j) for i in range(9) for j in range(i) if groups[i] != groups[j]]
+    assert max(same) < 0.15  # sampling noise over 10 classes
+    assert min(other) > 0.6
+    for p, g in zip(shares, groups):
+        assert p[class_groups[g]].sum() > 0.75  # groups own 5, 3, 2 classes: about 0.94, 0.87, 0.82
+
+
+def test_grouped_on_imbalanced_classes_uses_all_data_and_stays_skewed(data):
+    labels = np.asarray(data["label"][:])
+    partition = Grouped(groups=3, skew=0.9)  # class c owned by group c: 60/30/10% of the data
+
+    splits = partition.split(data, 6, seed=0)
+
+    assert np.array_equal(np.sort(np.concatenate(_rows(splits))), np.arange(len(data)))
+    for rows, g in zip(_rows(splits), partition.group_of(6)):
+        p = _shares(labels, rows, NUM_CLASSES)
+        assert p.argmax() == g and p[g] > 0.6
+
+
+def test_grouped_distributions():
+    q = Grouped(groups=2, skew=0.9, class_groups=[[0, 2, 3], [1]]).distributions(4)
+
+    assert np.allclose(q, [[0.3, 0.1, 0.3, 0.3], [0.1 / 3, 0.9, 0.1 / 3, 0.1 / 3]])
+    assert np.allclose(Grouped(groups=1).distributions(3), 1 / 3)
+
+
+@pytest.mark.parametrize("partition", [Grouped(groups=3), Grouped(groups=3, clients_per_group=2)])
+def test_grouped_group_of_is_group_major(partition):
+    assert partition.group_of(6) == [0, 0, 1, 1, 2, 2]
+
+
+def test_grouped_seed_reproduces_and_changes():
+    data = balanced(100, 2)
+    partition = Grouped(groups=2, skew=0.7)
+
+    a, b, c = (partition.split(data, 4, seed=s) for s in (3, 3, 4))
+
+    assert _same(a, b)
+    assert not _same(a, c)
+
+
+def test_grouped_num_clients_not_divisible(data):
+    with pytest.raises(ValueError, match="num_clients=5 is not divisible by groups=2.*clients_per_group"):
+        Grouped(groups=2).split(data, 5, seed=0)
+
+
+def test_grouped_clients_per_group_mismatch(data):
+    partition = Grouped(groups=2, clients_per_group=3)
+    message = r"groups=2 \* clients_per_group=3 = 6 but num_clients=4; set clients_per_group to num_clients / groups"
+
+    with pytest.raises(ValueError, match=message):
+        partition.split(data, 4, seed=0)
+    with pytest.raises(ValueError, match=message):
+        partition.group_of(4)
+
+
+def test_grouped_more_groups_than_classes(data):
+    with pytest.raises(ValueError, match="groups=4 but the task has 3 classes.*at least one class.*set class_groups"):
+        Grouped(groups=4).split(data, 4, seed=0)
+
+
+@pytest.mark.parametrize("class_groups, message", [
+    ([[0, 1], [1, 2]], r"class\(es\) \[1\] appear in more than one group"),
+    ([[0, 1], []], r"group\(s\) \[1\] no class; each group must own >= 1 class"),
+    ([[0, 1, 2]], "class_groups has 1 entries but groups=2"),
+])
+def test_grouped_bad_class_groups(class_groups, message):
+    with pytest.raises(ValueError, match=message):
+        Grouped(groups=2, class_groups=class_groups)
+
+
+def test_grouped_class_owned_by_no_group(data):
+    with pytest.raises(ValueError, match=r"class\(es\) \[1\] are owned by no group"):
+        Grouped(groups=2, class_groups=[[0], [2]]).split(data, 2, seed=0)
+
+
+@pytest.mark.parametrize("skew", [-0.1, 1.5])
+def test_grouped_skew_out_of_range(skew):
+    with pytest.raises(ValueError, match=r"skew=.* must be in \[0, 1\]"):
+        Grouped(skew=skew)

@@ -168,6 +168,135 @@ class Natural(Partition):
         return [np.flatnonzero(client == cid) for cid in range(num_clients)]
 
 
+@dataclass
+class Grouped(Partition):
+    """Clients in latent groups that share a label distribution: a known ground truth for personalisation.
+
+    Group g owns some classes (`class_groups`; default: class c belongs to group c % groups). Its label
+    distribution puts mass `skew` uniformly over its own classes and `1 - skew` uniformly over the rest.
+    Each class's examples (seeded shuffle) go to the groups in proportion to their demand for it, so no
+    example is dropped; each group's examples are then dealt IID (seeded) to its clients. Clients are
+    numbered group-major; `group_of` gives each client's group. A group's realised shares equal its
+    distribution exactly when the classes are balanced and every group owns equally many classes
+    (e.g. 2 classes, 2 groups); otherwise they follow it approximately.
+    """
+
+    groups: int = 2
+    clients_per_group: int | None = None
+    skew: float = 0.9
+    class_groups: list[list[int]] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.groups < 1:
+            raise ValueError(f"groups={self.groups} must be >= 1.")
+        if self.clients_per_group is not None and self.clients_per_group < 1:
+            raise ValueError(f"clients_per_group={self.clients_per_group} must be >= 1, or null to use "
+                             "num_clients / groups.")
+        if not 0 <= self.skew <= 1:
+            raise ValueError(f"skew={self.skew} must be in [0, 1]: the share of a group's examples "
+                             "drawn from its own classes.")
+        if self.class_groups is not None:
+            # Plain lists of ints (Hydra passes ListConfig).
+            self.class_groups = [[int(c) for c in owned] for owned in self.class_groups]
+            if len(self.class_groups) != self.groups:
+                raise ValueError(f"class_groups has {len(self.class_groups)} entries but groups={self.groups}; "
+                                 "give one list of classes per group.")
+            empty = [g for g, owned in enumerate(self.class_groups) if not owned]
+            if empty:
+                raise ValueError(f"class_groups gives group(s) {empty} no class; each group must own >= 1 class.")
+            owned = [c for cs in self.class_groups for c in cs]
+            twice = sorted({c for c in owned if owned.count(c) > 1})
+            if twice:
+                raise ValueError(f"class(es) {twice} appear in more than one group of class_groups; "
+                                 "every class must be owned by exactly one group.")
+            if min(owned) < 0:
+                raise ValueError(f"class_groups holds negative class ids {sorted(c for c in owned if c < 0)}; "
+                                 "classes are label ids 0, 1, ...")
+
+    def _hint(self) -> str:
+        return ", fewer groups, or a lower skew"
+
+    def _group_sizes(self, num_clients: int) -> int:
+        """Clients per group (every group has the same number)."""
+        if self.clients_per_group is None:
+            if num_clients % self.groups:
+                raise ValueError(f"num_clients={num_clients} is not divisible by groups={self.groups}; use a "
+                                 f"multiple of {self.groups} clients, change groups, or set clients_per_group "
+                                 f"so that groups * clients_per_group = num_clients.")
+            return num_clients // self.groups
+        if self.groups * self.clients_per_group != num_clients:
+            raise ValueError(f"groups={self.groups} * clients_per_group={self.clients_per_group} = "
+                             f"{self.groups * self.clients_per_group} but num_clients={num_clients}; set "
+                             f"clients_per_group to num_clients / groups, set it to null, or change groups.")
+        return self.clients_per_group
+
+    def group_of(self, num_clients: int) -> list[int]:
+        """Client id -> group id (group-major: clients 0..m-1 are group 0, m..2m-1 group 1, ...)."""
+        per_group = self._group_sizes(num_clients)
+        return [cid // per_group for cid in range(num_clients)]
+
+    def _owners(self, num_classes: int) -> list[list[int]]:
+        if self.class_groups is None:
+            if self.groups > num_classes:
+                raise ValueError(f"groups={self.groups} but the task has {num_classes} classes, and each group "
+                                 f"needs at least one class of its own; use at most {num_classes} groups, or set "
+                                 "class_groups (one list of class ids per group, every class in exactly one "
+                                 "list) to say which classes each group owns.")
+            return [list(range(g, num_classes, self.groups)) for g in range(self.groups)]
+        owned = {c for cs in self.class_groups for c in cs}
+        missing = sorted(set(range(num_classes)) - owned)
+        if missing:
+            raise ValueError(f"class(es) {missing} are owned by no group in class_groups={self.class_groups}; "
+                             "every class must be owned by exactly one group.")
+        return self.class_groups
+
+    def distributions(self, num_classes: int) -> np.ndarray:
+        """groups x num_classes: each group's target label distribution."""
+        q = np.zeros((self.groups, num_classes))
+        for g, own in enumerate(self._owners(num_classes)):
+            others = num_classes - len(own)
+            q[g] = (1 - self.skew) / others if others else 0.0
+            q[g, own] = (self.skew if others else 1.0) / len(own)
+        return q
+
+    def _assign(self, ds, num_clients, seed, label_column):
+        per_group = self._group_sizes(num_clients)
+        labels = _column(ds, label_column)
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise ValueError(f"Grouped needs integer class ids >= 0 in column {label_column!r}.")
+        feature = ds.features[label_column]
+        num_classes = max(int(labels.max()) + 1, getattr(feature, "num_classes", 0) or 0)
+        if self.class_groups is not None:
+            top = max(c for cs in self.class_groups for c in cs)
+            if isinstance(feature, datasets.ClassLabel) and top >= feature.num_classes:
+                raise ValueError(f"class_groups names class {top} but {label_column!r} has "
+                                 f"{feature.num_classes} classes (0..{feature.num_classes - 1}).")
+            num_classes = max(num_classes, top + 1)
+        q = self.distributions(num_classes)
+        rng = np.random.default_rng(seed)
+        rows = [[] for _ in range(self.groups)]
+        for c in range(num_classes):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            counts = _apportion(len(members), q[:, c])  # groups have equal size, so demand is q[:, c]
+            for g, part in enumerate(np.split(members, np.cumsum(counts)[:-1])):
+                rows[g].append(part)
+        parts = []
+        for g in range(self.groups):
+            mine = rng.permutation(np.concatenate(rows[g]))
+            parts.extend(np.array_split(mine, per_group))
+        return parts
+
+
+def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split `total` into integers proportional to `weights` (largest remainder; ties to lower index)."""
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[:total - counts.sum()]] += 1
+    return counts
+
+
 def label_counts(dataset: datasets.Dataset, splits: list[ClientSplit], num_classes: int,
                  label_column: str = "label") -> list[dict]:
     """Per client: sizes and per-class counts of local train and test (for partition.json and the log)."""

@@ -30,6 +30,8 @@ class Aggregate:
 
     global_state: State
     personal: dict[int, State] = field(default_factory=dict)
+    weights: torch.Tensor | None = None  # [K, K] mixing weights of personalised rules, rows = receivers
+    ids: list[int] | None = None  # the client ids that index `weights`
 
 
 class FedAvg:
@@ -38,8 +40,10 @@ class FedAvg:
     communicates = True
     pooled = False
 
+    data_stats = None  # no data-space summaries needed
+
     def __call__(self, uploads: Mapping[int, State], sizes: Mapping[int, int],
-                 received: Mapping[int, State] | None = None) -> Aggregate:
+                 received: Mapping[int, State] | None = None, data_distance=None) -> Aggregate:
         ids = sorted(uploads)
         return Aggregate(weighted_average([uploads[i] for i in ids], [sizes[i] for i in ids]))
 

@@ -16,6 +16,7 @@ from celora.fl.aggregators import FedAvg
 from celora.fl.client import set_trainable, train_local
 from celora.fl.evaluation import evaluate, personal_summary
 from celora.fl.wire import SEED_BYTES, Exchange, Payload
+from celora.similarity import data_distance
 
 State = dict[str, torch.Tensor]
 
@@ -79,11 +80,14 @@ class Simulation:
 
     def __init__(self, model: nn.Module, exchange: Exchange, aggregator: FedAvg, train: Encoded,
                  test: Encoded, splits, fl: FLConfig, client: ClientConfig, seed: int, collate: Collate,
-                 log: Callable[[dict], None] = lambda row: None, accelerator: str = "cpu",
-                 progress: bool = True):
+                 log: Callable[[dict], None] = lambda row: None,
+                 log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
+                 num_classes: int = 2, accelerator: str = "cpu", progress: bool = True):
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
-        self.fl, self.client, self.seed, self.log = fl, client, seed, log
+        self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
+        self.num_classes = num_classes
+        self.data_distance: torch.Tensor | None = None
         self.accelerator, self.progress = accelerator, progress
         initial = snapshot(model, exchange.trainable)
         self.clients = [ClientState(s.train, s.test, {n: initial[n] for n in exchange.private}) for s in splits]
@@ -126,11 +130,36 @@ class Simulation:
             uploads[i] = uplink.unpack()
             sizes[i] = len(me.train)
             me.private = snapshot(self.model, ex.private)
-        result = self.aggregator(uploads, sizes, received)
+        result = self.aggregator(uploads, sizes, received, data_distance=self.data_distance)
         self.global_state = result.global_state if ex.shared else self.global_state
-        self.personal.update(result.personal)
+        self.personal.update(result.personal)  # clients not sampled keep their last personal state
+        if result.weights is not None:
+            self.log_matrix("weights", rnd, result.ids, result.weights)
         return {"train/loss": float(np.mean(losses)), "comm/up_bytes": up, "comm/down_bytes": down,
                 "fl/clients": len(sampled)}
+
+    # -- data-space summaries (once, before round 1) ---------------------------------------
+    def upload_data_stats(self) -> dict:
+        """Each client summarises its training data with the frozen backbone; the server compares them."""
+        spec = self.aggregator.data_stats
+        if spec is None:
+            return {}
+        load(self.model, self.global_state)
+        stats, sigmas, up = [], [], 0
+        value_bytes = torch.tensor([], dtype=self.fl.wire_dtype).element_size()
+        for i, c in enumerate(self.clients):
+            feats, labels = spec.features(self.model, self.train_data, c.train, self.collate,
+                                          derive_seed(self.seed, 5, i))
+            s, sigma = spec.summarize(feats, labels, self.num_classes, derive_seed(self.seed, 6, i))
+            stats.append(s), sigmas.append(sigma)
+            up += s.nbytes(value_bytes)
+        self.data_distance = data_distance(stats, self.aggregator.bandwidth).float()
+        ids = list(range(len(self.clients)))
+        self.log_matrix("data_distance", 0, ids, self.data_distance)
+        out = {"comm/up_bytes": up}
+        if sigmas[0] is not None:
+            out["privacy/stats_sigma"] = sigmas[0]
+        return out
 
     # -- evaluation --------------------------------------------------------------------------
     def global_model_state(self) -> State | None:
@@ -166,9 +195,10 @@ class Simulation:
         t0 = time.perf_counter()
         # Round 0: each client receives the 64-bit init seed once (nothing is sent without a federation).
         seed_down = SEED_BYTES * self.fl.num_clients if self.aggregator.communicates else 0
-        self.cum["down"] += seed_down
         row = {"round": 0, "train/loss": math.nan, "comm/up_bytes": 0, "comm/down_bytes": seed_down,
-               "fl/clients": 0, **self.evaluate()}
+               "fl/clients": 0, **self.upload_data_stats(), **self.evaluate()}
+        self.cum["down"] += row["comm/down_bytes"]
+        self.cum["up"] += row["comm/up_bytes"]
         rows.append(self._emit(row, t0))
         bar = tqdm(range(1, self.fl.rounds + 1), desc="rounds", disable=not self.progress, dynamic_ncols=True)
         for rnd in bar:

@@ -1,0 +1,85 @@
+"""Client-side data summaries for data-space similarity: per-class diagonal Gaussians (or GMMs), optionally DP."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from celora.data.batches import Collate, Encoded, eval_batches
+from celora.similarity import ClassStats, class_gaussians, privatize
+
+KINDS = ("gaussian", "gmm")
+
+
+@dataclass
+class DataStats:
+    """What each client computes once before round 1 and uploads (counted as round-0 uplink).
+
+    kind: `gaussian` (count, mean, variance per class) or `gmm` (a diagonal GMM of `components`
+    per class, as the authors' client code fits). With `dp_epsilon` set, features are clipped to
+    `clip_norm` and the per-class (count, sum, sum of squares) go through the Gaussian mechanism.
+    """
+
+    kind: str = "gaussian"
+    components: int = 2
+    max_examples: int | None = 256  # per client, a seeded subsample: one forward pass each
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    clip_norm: float = 5.0
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"aggregator.data_stats.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "gmm" and self.dp_epsilon is not None:
+            raise ValueError("DP data statistics are released for kind=gaussian only; set "
+                             "aggregator.data_stats.kind=gaussian or dp_epsilon=null")
+        if self.components < 1:
+            raise ValueError(f"aggregator.data_stats.components must be >= 1, got {self.components}")
+
+    @torch.no_grad()
+    def features(self, model: nn.Module, data: Encoded, indices, collate: Collate, seed: int):
+        """Pooled features the head sees, from the frozen pretrained backbone (C = 0 before round 1)."""
+        idx = np.asarray(indices)
+        if self.max_examples is not None and len(idx) > self.max_examples:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, self.max_examples, replace=False))
+        model.eval()
+        device = next(model.parameters()).device
+        feats, labels = [], []
+        for batch in eval_batches(data, idx, self.batch_size, collate):
+            y = batch.pop("labels")
+            feats.append(model.features(**{k: v.to(device) for k, v in batch.items()}).double().cpu())
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    def summarize(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  seed: int) -> tuple[ClassStats, float | None]:
+        """(summary to upload, DP noise std or None)."""
+        if self.dp_epsilon is not None:
+            gen = torch.Generator().manual_seed(seed)
+            return privatize(feats, labels, num_classes, self.clip_norm, self.dp_epsilon, self.dp_delta, gen)
+        if self.kind == "gaussian":
+            return class_gaussians(feats, labels, num_classes), None
+        return _class_gmms(feats, labels, num_classes, self.components, seed), None
+
+
+def _class_gmms(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, seed: int) -> ClassStats:
+    """Each class as up to k weighted diagonal Gaussians; the MMD treats them as mixture components."""
+    from sklearn.mixture import GaussianMixture
+
+    counts, means, vars_ = [], [], []
+    for c in range(num_classes):
+        x = feats[labels == c].numpy()
+        if len(x) == 0:
+            continue
+        n = min(k, len(x))
+        if n == 1:
+            counts.append(np.array([len(x)], float)), means.append(x.mean(0, keepdims=True))
+            vars_.append(x.var(0, keepdims=True))
+            continue
+        gmm = GaussianMixture(n, covariance_type="diag", random_state=seed % 2**32, reg_covar=1e-6).fit(x)
+        counts.append(len(x) * gmm.weights_), means.append(gmm.means_), vars_.append(gmm.covariances_)
+    t = lambda parts: torch.from_numpy(np.concatenate(parts)).double()  # noqa: E731
+    return ClassStats(t(counts), t(means), t(vars_).clamp_min(1e-6))
