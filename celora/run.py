@@ -77,16 +77,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             log_matrix=metrics.log_matrix, num_classes=data.num_classes,
         )
         t0 = time.perf_counter()
-        rows = sim.run()
+        sim.run()
         params = dict(model.named_parameters())
         summary = {
-            **summarize(rows),
+            **summarize(metrics.rows),  # the rows as logged: undefined metrics are null, not NaN
             "time/total_s": time.perf_counter() - t0,
             "params/trainable_per_client": sum(params[n].numel() for n in exchange.trainable),
             "params/shared_per_client": sum(params[n].numel() for n in exchange.shared),
             "params/adapted_modules": len([n for n in params if n.endswith(".lora_A")]),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
         last = summary["last"]
         log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
                  summary["time/total_s"], last.get("global/acc"), last["personal/acc"],

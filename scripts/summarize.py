@@ -12,7 +12,7 @@ import yaml
 
 
 def _fmt(v, digits=3):
-    return "-" if v is None else f"{v:.{digits}f}"
+    return "-" if v is None or v != v else f"{v:.{digits}f}"  # None or NaN: undefined
 
 
 def rows(root: Path, by: str):

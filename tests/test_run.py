@@ -102,7 +102,13 @@ def test_missing_asset_names_the_package(monkeypatch):
         text.minilm()
 
 
-def test_metric_rows_are_json_clean(compose_cfg, tmp_path):
+def test_metric_rows_and_summary_are_strict_json(compose_cfg, tmp_path):
     run(compose_cfg(*TINY, "method=fedsa_lora"), run_dir=tmp_path)
     for r in _rows(tmp_path):
         assert not any(isinstance(v, float) and math.isnan(v) for v in r.values())
+
+    def refuse(name):
+        raise AssertionError(f"summary.json holds {name}")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["last"]["global/acc"] is None and "global/acc" not in summary["best"]
