@@ -2,11 +2,11 @@
 import hydra
 from omegaconf import DictConfig
 
-from celora.run import run
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from celora.run import run  # imported in the job: a launcher process (joblib, submitit) stays light
+
     summary = run(cfg)
     last = summary.get("last", {})
     return last.get("global/acc") or last.get("personal/acc")  # what a sweeper would optimise

@@ -35,34 +35,30 @@ def summarize(rows: list[dict]) -> dict:
     return {"last": rows[-1] if rows else {}, "best": best, "best_round": best_round}
 
 
-def heatmap(matrix, ids: list[int], title: str):
-    """A labelled heatmap figure of a client x client matrix (rows receive, columns give)."""
-    import matplotlib
+def sweep_labels() -> dict:
+    """Inside a Hydra multirun job: W&B group = the sweep dir, run name = the job's overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(ids), 1.0 + 0.4 * len(ids)))
-    im = ax.imshow(matrix, cmap="viridis", vmin=0)
-    ax.set_xticks(range(len(ids)), ids)
-    ax.set_yticks(range(len(ids)), ids)
-    ax.set_xlabel("client j")
-    ax.set_ylabel("client i")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hc = HydraConfig.get()
+    return {"group": hc.sweep.dir, "name": hc.job.override_dirname or f"job {hc.job.num}"}
 
 
 class NullSink:
     def log(self, row: dict) -> None: ...
     def log_config(self, config: dict) -> None: ...
     def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None: ...
+    def log_partition(self, partition: dict) -> None: ...
     def finish(self, summary: dict) -> None: ...
 
 
 class WandbSink:
-    """Weights & Biases, offline by default (sync later with `wandb sync`); failures only warn."""
+    """Weights & Biases, offline by default (sync later with `wandb sync`); failures only warn.
+
+    One W&B run per experiment; in a multirun each job's run is grouped by its sweep (`sweep_labels`)
+    unless logger.group / logger.name say otherwise."""
 
     def __init__(self, project: str = "celora", mode: str = "offline", entity: str | None = None,
                  group: str | None = None, name: str | None = None, tags: list[str] | None = None,
@@ -75,7 +71,8 @@ class WandbSink:
         try:
             import wandb
 
-            self.run = wandb.init(config=config, reinit="finish_previous", **self.kwargs)
+            kwargs = {**self.kwargs, **{k: v for k, v in sweep_labels().items() if self.kwargs.get(k) is None}}
+            self.run = wandb.init(config=config, reinit="finish_previous", **kwargs)
         except Exception as e:  # a logging fault must never cost the run
             warnings.warn(f"W&B disabled for this run: {e}")
 
@@ -87,23 +84,36 @@ class WandbSink:
             except Exception as e:
                 warnings.warn(f"W&B log failed (metrics.jsonl still has it): {e}")
 
-    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
+    def _image(self, key: str, figure, step: int) -> None:
+        """Logs the figure `figure()` draws; drawing is inside the guard, so a plotting fault only warns."""
         if self.run is not None:
             try:
-                import matplotlib.pyplot as plt
                 import wandb
 
-                fig = heatmap(matrix, ids, f"{name}, round {rnd}")
-                self.run.log({f"matrix/{name}": wandb.Image(fig)}, step=rnd)
-                plt.close(fig)
+                self.run.log({key: wandb.Image(figure())}, step=step)
             except Exception as e:
-                warnings.warn(f"W&B image log failed ({name}.jsonl still has it): {e}")
+                warnings.warn(f"W&B image log failed (the run dir still has its data): {e}")
+
+    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
+        from celora.plots import heatmap
+
+        self._image(f"matrix/{name}", lambda: heatmap(matrix, ids, f"{name}, round {rnd}"), step=rnd)
+
+    def log_partition(self, partition: dict) -> None:
+        from celora.plots import partition_histogram
+
+        self._image("partition/train_labels", lambda: partition_histogram(partition), step=0)
 
     def finish(self, summary: dict) -> None:
         if self.run is not None:
             try:
-                for k, v in summary.get("best", {}).items():
-                    self.run.summary[f"best/{k}"] = v
+                for section in ("last", "best", "best_round"):
+                    for k, v in summary.get(section, {}).items():
+                        if k != "round" and isinstance(v, (int, float)):
+                            self.run.summary[f"{section}/{k}"] = v
+                for k, v in summary.items():
+                    if isinstance(v, (int, float)):  # wall time, parameter counts
+                        self.run.summary[k] = v
                 self.run.finish()
             except Exception as e:
                 warnings.warn(f"W&B finish failed: {e}")
@@ -120,6 +130,9 @@ class Metrics:
 
     def log(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
+        partition = self.path.parent / "partition.json"
+        if not self.rows and partition.exists():  # written before training: it opens the run's images
+            self.sink.log_partition(json.loads(partition.read_text()))
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -33,11 +34,30 @@ def _run_dir(run_dir) -> Path:
     return path
 
 
+def fl_config(cfg: DictConfig) -> FLConfig:
+    """The federation's settings, interpolations resolved (experiments set e.g. eval_every: ${fl.rounds})."""
+    return FLConfig(**{**OmegaConf.to_container(cfg.fl, resolve=True), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Runs one experiment from a composed config; returns the summary also written to summary.json."""
+    """Runs one experiment from a composed config; returns the summary also written to summary.json.
+
+    A run that raises (or is interrupted) leaves failed.json in its dir, so analysis can tell it from
+    one still running."""
     out = _run_dir(run_dir)
+    (out / "failed.json").unlink(missing_ok=True)
+    try:
+        return _experiment(cfg, out)
+    except BaseException as e:
+        (out / "failed.json").write_text(json.dumps(
+            {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=1))
+        raise
+
+
+def _experiment(cfg: DictConfig, out: Path) -> dict:
+    """run() itself, writing into `out`."""
     torch.manual_seed(cfg.seed)
-    fl = FLConfig(**{**OmegaConf.to_container(cfg.fl), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
+    fl = fl_config(cfg)
     adapter = instantiate(cfg.adapter)  # validates itself
 
     backbone = instantiate(cfg.model)
@@ -69,12 +89,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True))
         client = ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=cfg.client.local_steps,
                               batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
-                              grad_clip=cfg.client.grad_clip)
+                              grad_clip=cfg.client.grad_clip, max_epochs=cfg.client.max_epochs)
         sim = instantiate(cfg.simulation)(
             model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
             test=Encoded(data.test), splits=splits, fl=fl, client=client, seed=cfg.seed,
             collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
             log_matrix=metrics.log_matrix, num_classes=data.num_classes,
+            privacy=instantiate(cfg.privacy)(sample_rate=fl.clients_per_round / fl.num_clients),
         )
         t0 = time.perf_counter()
         sim.run()

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from celora.adapters import AdapterConfig
+from celora.run import fl_config
 from conftest import CONF_DIR
 
 
@@ -105,6 +106,7 @@ def test_command_line_group_beats_preset():
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_compose(name):
     cfg = _compose(f"experiment={name}", hydra=True)
+    fl_config(cfg)  # typed and validated, interpolations resolved
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert params, "an experiment file declares its sweep"
     for key, values in params.items():

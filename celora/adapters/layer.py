@@ -22,6 +22,11 @@ def base_weight_matrix(base: nn.Module) -> torch.Tensor:
     raise TypeError(f"cannot adapt a {type(base).__name__}; supported: Linear, Conv1D (GPT-2), 1x1 Conv2d")
 
 
+def _project(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h @ w.T; a factor stacked per client, (K, out, in), maps h viewed as (K, rows, in) by one batched matmul."""
+    return F.linear(h, w) if w.dim() == 2 else torch.matmul(h, w.mT)
+
+
 def is_adaptable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
         return True
@@ -104,12 +109,26 @@ class AdapterLayer(nn.Module):
         inner = self.lora_A if self.lora_C is None else self.lora_C @ self.lora_A
         return self.scaling * (self.lora_B @ inner)
 
+    def cohort_size(self) -> int | None:
+        """K when some factor carries K clients' copies along a leading dim (parallel simulation), else None."""
+        stacked = [p.shape[0] for p in (self.lora_A, self.lora_B, self.lora_C) if p is not None and p.dim() == 3]
+        return stacked[0] if stacked else None
+
     def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B C A x on channels-last input; cost O(r (d_in + d_out)) per row, never forms dW."""
-        h = F.linear(self.dropout(x), self.lora_A)
+        """s * B C A x on channels-last input; cost O(r (d_in + d_out)) per row, never forms dW.
+
+        With stacked factors the rows of x are K clients' blocks, client-major, and client k's
+        factors act on block k only; frozen (unstacked) factors are shared by all blocks.
+        """
+        k, shape = self.cohort_size(), x.shape
+        h = self.dropout(x)
+        if k is not None:
+            h = h.reshape(k, -1, shape[-1])
+        h = _project(h, self.lora_A)
         if self.lora_C is not None:
-            h = F.linear(h, self.lora_C)
-        return F.linear(h, self.lora_B) * self.scaling
+            h = _project(h, self.lora_C)
+        out = _project(h, self.lora_B) * self.scaling
+        return out if k is None else out.reshape(*shape[:-1], out.shape[-1])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -131,3 +150,22 @@ class AdapterLayer(nn.Module):
         if self.merged:
             base_weight_matrix(self.base_layer).sub_(self.delta_weight().to(self.base_layer.weight.dtype))
             self.merged = False
+
+
+class StackedLinear(nn.Module):
+    """A linear map with K clients' (weight, bias) along a leading dim: row block k of the input uses client k's.
+
+    Stands in for a trained nn.Linear (the task head) while a cohort trains in parallel.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight  # (K, out, in)
+        self.bias = bias  # (K, out) or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[0]
+        out = torch.matmul(x.reshape(k, -1, x.shape[-1]), self.weight.mT)
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

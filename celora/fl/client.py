@@ -1,38 +1,105 @@
-"""Local training of one client's tensors with Lightning (the backbone is shared and frozen)."""
+"""Local training with Lightning: one client on the model's own tensors, or a cohort of clients stacked."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celora.adapters.layer import AdapterLayer, StackedLinear
+
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)  # one Trainer per client fit: keep the log quiet
 
+State = dict[str, torch.Tensor]
+
 
 class LocalTraining(L.LightningModule):
-    """Cross-entropy on the client's batches, optimising only its trainable tensors."""
+    """Cross-entropy on a cohort's batches, optimising only its trainable tensors.
+
+    Sequential is a cohort of one on the model's own tensors. A stacked cohort of K clients
+    holds each trainable tensor as (K, ...) and sees K clients' rows per batch, client-major;
+    the loss is the sum of each client's mean loss, so each client's gradient is its own.
+    Clipping is per client, and a client past its `steps` is masked: its tensors and its
+    optimiser state stay as they were after its last step.
+    """
 
     def __init__(self, model: nn.Module, trainable: Iterable[str],
-                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
+                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+                 steps: Sequence[int] | None = None):
         super().__init__()
         self.model = model
         self.trainable = set(trainable)
         self.optimizer_factory = optimizer
+        self.steps = list(steps) if steps is not None else None  # None: not stacked
         self.losses: list[torch.Tensor] = []
 
     def training_step(self, batch, batch_idx):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        loss = F.cross_entropy(self.model(**inputs), batch["labels"])
-        self.losses.append(loss.detach())
-        return loss
+        logits = self.model(**inputs)
+        if self.steps is None:
+            loss = F.cross_entropy(logits, batch["labels"])
+            self.losses.append(loss.detach().reshape(1))
+            return loss
+        per_client = F.cross_entropy(logits, batch["labels"], reduction="none").view(len(self.steps), -1).mean(1)
+        self.losses.append(per_client.detach())
+        active = torch.tensor([batch_idx < s for s in self.steps], device=per_client.device)
+        return (per_client * active).sum()
+
+    def client_losses(self) -> list[float]:
+        """Each client's mean training loss over the steps it ran."""
+        losses = torch.stack(self.losses)
+        steps = self.steps or [len(losses)]
+        return [losses[:s, k].mean().item() for k, s in enumerate(steps)]
 
     def configure_optimizers(self):
         params = [p for n, p in self.model.named_parameters() if n in self.trainable]
         return self.optimizer_factory(params)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.steps is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            clip_per_client([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        done = [k for k, s in enumerate(self.steps or []) if batch_idx >= s]
+        kept = client_slices(optimizer, done)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        restore_slices(kept, done)
+
+
+@torch.no_grad()
+def clip_per_client(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ for each client on its own: the norm of client k's slices of all tensors."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads]), dim=0)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+    return norms
+
+
+def client_slices(optimizer: torch.optim.Optimizer, clients: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the given clients' slices of every stacked tensor and its per-element optimiser state."""
+    if not clients:
+        return []
+    kept = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+            kept += [(t, t.detach()[clients].clone()) for t in (p, *state)]
+    return kept
+
+
+@torch.no_grad()
+def restore_slices(kept: list[tuple[torch.Tensor, torch.Tensor]], clients: list[int]) -> None:
+    for t, old in kept:
+        t[clients] = old
 
 
 def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
@@ -41,16 +108,120 @@ def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
         p.requires_grad_(n in names)
 
 
-def train_local(model: nn.Module, trainable: Iterable[str], batches, optimizer, *,
-                grad_clip: float | None, accelerator: str = "cpu") -> float:
-    """One client's local steps; returns its mean training loss. The optimiser state is fresh each round."""
-    module = LocalTraining(model, trainable, optimizer)
+@contextmanager
+def stacked(model: nn.Module, states: Sequence[State]) -> Iterator[dict[str, nn.Parameter]]:
+    """Holds K clients' copies of the named tensors in the model, stacked along a leading dim.
+
+    Adapter factors are swapped for (K, ...) parameters in their layer; a trained nn.Linear (the
+    head) is swapped for a StackedLinear. The backbone is untouched and shared; everything is put
+    back on exit. Yields the stacked parameters by name.
+    """
+    params = dict(model.named_parameters())
+    names = list(states[0])
+
+    def stack(name: str) -> nn.Parameter:
+        ref = params[name]
+        return nn.Parameter(torch.stack([s[name] for s in states]).to(device=ref.device, dtype=ref.dtype))
+
+    out, undo = {}, []
+    for owner_name in dict.fromkeys(n.rpartition(".")[0] for n in names):
+        owner = model.get_submodule(owner_name)
+        mine = [n for n in names if n.rpartition(".")[0] == owner_name]
+        if isinstance(owner, AdapterLayer):
+            for n in mine:
+                attr = n.rpartition(".")[2]
+                undo.append((owner, attr, getattr(owner, attr)))
+                out[n] = stack(n)
+                setattr(owner, attr, out[n])
+        elif isinstance(owner, nn.Linear):
+            weight = stack(f"{owner_name}.weight") if f"{owner_name}.weight" in mine else owner.weight.expand(
+                len(states), *owner.weight.shape)
+            bias = owner.bias
+            if f"{owner_name}.bias" in mine:
+                bias = stack(f"{owner_name}.bias")
+            elif bias is not None:
+                bias = bias.detach().expand(len(states), *bias.shape)
+            out.update({n: t for n, t in ((f"{owner_name}.weight", weight), (f"{owner_name}.bias", bias)) if n in mine})
+            parent_name, _, child = owner_name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            undo.append((parent, child, owner))
+            setattr(parent, child, StackedLinear(weight, bias))
+        else:
+            raise TypeError(f"cannot stack {mine}: parallel simulation stacks adapter factors and nn.Linear "
+                            f"tensors, not a {type(owner).__name__}")
+    try:
+        yield out
+    finally:
+        for module, attr, original in reversed(undo):
+            setattr(module, attr, original)
+
+
+class CohortBatches:
+    """K clients' batches concatenated client-major, padded to the cohort's longest sequence.
+
+    A client that has run its steps repeats its last batch: its rows keep every block the same
+    size, and LocalTraining masks them out of the loss and the update.
+    """
+
+    def __init__(self, loaders: Sequence[Iterable[dict]], steps: Sequence[int], pad_id: int):
+        self.loaders, self.steps, self.pad_id = loaders, list(steps), pad_id
+
+    def __len__(self) -> int:
+        return max(self.steps)
+
+    def __iter__(self):
+        its = [iter(loader) for loader in self.loaders]
+        last: list[dict] = [{} for _ in its]
+        for t in range(len(self)):
+            last = [next(it) if t < s else b for it, s, b in zip(its, self.steps, last)]
+            yield concat(last, self.pad_id)
+
+
+def concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Row-wise concatenation; sequence tensors are right-padded to the longest (ids with pad_id, masks with 0)."""
+    out = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if parts[0].dim() > 1:
+            longest = max(p.shape[1] for p in parts)
+            fill = pad_id if key == "input_ids" else 0
+            parts = [F.pad(p, (0, longest - p.shape[1]), value=fill) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def _fit(module: LocalTraining, batches, grad_clip: float | None, accelerator: str) -> None:
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=grad_clip, gradient_clip_algorithm="norm", num_sanity_val_steps=0,
     )
-    model.train()  # Lightning keeps submodules' modes; dropout is on while training
+    module.model.train()  # Lightning keeps submodules' modes; dropout is on while training
     trainer.fit(module, train_dataloaders=batches)
-    model.eval()
-    return torch.stack(module.losses).mean().item()
+    module.model.eval()
+
+
+def train_local(model: nn.Module, trainable: Iterable[str], batches, optimizer, *,
+                grad_clip: float | None, accelerator: str = "cpu") -> float:
+    """One client's local steps on the model's own tensors; returns its mean training loss.
+
+    The optimiser state is fresh each round.
+    """
+    module = LocalTraining(model, trainable, optimizer)
+    _fit(module, batches, grad_clip, accelerator)
+    return module.client_losses()[0]
+
+
+def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[State],
+                 loaders: Sequence[Iterable[dict]], steps: Sequence[int], optimizer, *, pad_id: int,
+                 grad_clip: float | None, accelerator: str = "cpu") -> tuple[list[float], list[State]]:
+    """K clients' local steps in one batched pass over the shared backbone.
+
+    `states[k]` holds client k's starting trainable tensors; returns each client's mean training
+    loss and its trained tensors (on CPU). The optimiser state is fresh each round.
+    """
+    with stacked(model, states) as params:
+        module = LocalTraining(model, trainable, optimizer, steps)
+        _fit(module, CohortBatches(loaders, steps, pad_id), grad_clip, accelerator)
+        finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
+    return module.client_losses(), finals

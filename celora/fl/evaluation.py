@@ -1,4 +1,4 @@
-"""Accuracy and loss of a model on held-out indices, and the personal summary over clients."""
+"""Accuracy and loss of a model (or of a stacked cohort of models) on held-out indices, and the personal summary."""
 from __future__ import annotations
 
 import math
@@ -27,6 +27,38 @@ def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size
         correct += (logits.argmax(-1) == labels).sum().item()
         n += len(labels)
     return correct / max(n, 1), loss / max(n, 1), n
+
+
+@torch.no_grad()
+def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[int]], batch_size: int,
+                    collate: Collate) -> list[tuple[float, float, int]]:
+    """evaluate() for K clients at once: the model holds their K stacked states, client k sees indices[k].
+
+    Each pass takes the next block of ceil(batch_size / K) examples of every client's length-sorted
+    split (about batch_size rows in all); clients with fewer left fill their block with a repeat
+    of a real row that is not counted.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    k = len(indices)
+    block = max(1, math.ceil(batch_size / k))
+    order = [np.asarray(idx)[np.argsort(data.lengths(idx), kind="stable")] if len(idx) else np.array([], dtype=int)
+             for idx in indices]
+    filler = next(int(o[0]) for o in order if len(o))
+    correct, loss = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for start in range(0, max(len(o) for o in order), block):
+        rows = [o[start:start + block].tolist() for o in order]
+        valid = torch.tensor([[j < len(r) for j in range(block)] for r in rows])
+        batch = collate([data[i] for r in rows for i in r + [filler] * (block - len(r))])
+        batch = {name: v.to(device) for name, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch)
+        ce = F.cross_entropy(logits.float(), labels, reduction="none").view(k, block).cpu().double()
+        hit = (logits.argmax(-1) == labels).view(k, block).cpu()
+        loss += (ce * valid).sum(1)
+        correct += (hit & valid).sum(1)
+    sizes = [len(o) for o in order]
+    return [(correct[c].item() / max(n, 1), loss[c].item() / max(n, 1), n) for c, n in enumerate(sizes)]
 
 
 def personal_summary(accs: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:

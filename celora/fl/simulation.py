@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from celora.data.batches import Collate, Encoded, train_loader
 from celora.fl.aggregators import FedAvg
-from celora.fl.client import set_trainable, train_local
-from celora.fl.evaluation import evaluate, personal_summary
+from celora.fl.client import set_trainable, stacked, train_cohort, train_local
+from celora.fl.evaluation import evaluate, evaluate_cohort, personal_summary
 from celora.fl.wire import SEED_BYTES, Exchange, Payload
+from celora.privacy.dp import NoPrivacy
 from celora.similarity import data_distance
 
 State = dict[str, torch.Tensor]
@@ -47,6 +48,17 @@ class ClientConfig:
     batch_size: int = 16
     eval_batch_size: int = 128
     grad_clip: float | None = 1.0
+    max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
+
+    def __post_init__(self):
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
+
+    def steps(self, base: int, examples: int) -> int:
+        """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1)."""
+        if self.max_epochs is None:
+            return base
+        return max(1, min(base, math.floor(self.max_epochs * examples / self.batch_size)))
 
 
 @dataclass
@@ -76,19 +88,29 @@ def derive_seed(*parts: int) -> int:
 
 
 class Simulation:
-    """All clients in one process, one after another, on one shared backbone."""
+    """All clients in one process on one shared backbone.
+
+    `cohort_size=None` trains them one after another on the model's own tensors; an integer K
+    (or "all": every client of the round) trains cohorts of K clients in one batched pass, their
+    trainable tensors stacked along a leading client dim (see client.train_cohort), and evaluates
+    personal models the same way. Both give the same numbers.
+    """
 
     def __init__(self, model: nn.Module, exchange: Exchange, aggregator: FedAvg, train: Encoded,
                  test: Encoded, splits, fl: FLConfig, client: ClientConfig, seed: int, collate: Collate,
                  log: Callable[[dict], None] = lambda row: None,
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
-                 num_classes: int = 2, accelerator: str = "cpu", progress: bool = True):
+                 num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
+                 cohort_size: int | str | None = None, privacy: Callable | None = None):
+        if not (cohort_size is None or cohort_size == "all" or (isinstance(cohort_size, int) and cohort_size >= 1)):
+            raise ValueError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
         self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
         self.num_classes = num_classes
         self.data_distance: torch.Tensor | None = None
-        self.accelerator, self.progress = accelerator, progress
+        self.accelerator, self.progress, self.cohort_size = accelerator, progress, cohort_size
+        self.privacy = privacy or NoPrivacy()  # (uploads, received, sizes, generator) -> (uploads, metrics)
         initial = snapshot(model, exchange.trainable)
         self.clients = [ClientState(s.train, s.test, {n: initial[n] for n in exchange.private}) for s in splits]
         if aggregator.pooled:  # one model on the union of the clients' training data
@@ -108,35 +130,62 @@ class Simulation:
         k = self.fl.clients_per_round
         return sorted(self.sampler.choice(self.fl.num_clients, size=k, replace=False).tolist())
 
+    def cohorts(self, ids: list[int]) -> list[list[int]]:
+        """The round's clients in training groups: one at a time (sequential), or K at a time."""
+        if self.cohort_size is None:
+            return [[i] for i in ids]
+        k = len(ids) if self.cohort_size == "all" else self.cohort_size
+        return [ids[j:j + k] for j in range(0, len(ids), k)]
+
+    def local_steps(self, i: int) -> int:
+        base = self.client.local_steps * (self.fl.clients_per_round if self.aggregator.pooled else 1)
+        return self.client.steps(base, len(self.trainers[i].train))
+
+    def _batches(self, rnd: int, i: int):
+        return train_loader(self.train_data, self.trainers[i].train, self.client.batch_size, self.local_steps(i),
+                            derive_seed(self.seed, 4, rnd, i), self.collate)
+
+    def train_clients(self, rnd: int, cohort: list[int], received: dict[int, State]) -> list[tuple[float, State]]:
+        """Local training of one cohort from what each client received; (mean loss, trained tensors) each."""
+        ex, opt, clip = self.exchange, self.client.optimizer, self.client.grad_clip
+        starts = [{**received[i], **self.trainers[i].private} for i in cohort]
+        torch.manual_seed(derive_seed(self.seed, 3, rnd, cohort[0]))  # dropout, identical across runs
+        if self.cohort_size is None:
+            load(self.model, starts[0])
+            loss = train_local(self.model, ex.trainable, self._batches(rnd, cohort[0]), opt,
+                               grad_clip=clip, accelerator=self.accelerator)
+            return [(loss, snapshot(self.model, ex.trainable))]
+        losses, states = train_cohort(self.model, ex.trainable, starts, [self._batches(rnd, i) for i in cohort],
+                                      [self.local_steps(i) for i in cohort], opt, pad_id=self.collate.pad_id,
+                                      grad_clip=clip, accelerator=self.accelerator)
+        return list(zip(losses, states))
+
     def train_round(self, rnd: int) -> dict:
         ex, dtype = self.exchange, self.fl.wire_dtype
-        steps = self.client.local_steps * (self.fl.clients_per_round if self.aggregator.pooled else 1)
         uploads, sizes, received, losses = {}, {}, {}, []
         up = down = 0
         sampled = self.sample()
         for i in sampled:
-            me = self.trainers[i]
             downlink = Payload.pack(self.personal.get(i, self.global_state), ex.shared, dtype)
             down += downlink.nbytes
             received[i] = downlink.unpack()
-            load(self.model, {**received[i], **me.private})
-            torch.manual_seed(derive_seed(self.seed, 3, rnd, i))  # dropout, identical across runs
-            batches = train_loader(self.train_data, me.train, self.client.batch_size, steps,
-                                   derive_seed(self.seed, 4, rnd, i), self.collate)
-            losses.append(train_local(self.model, ex.trainable, batches, self.client.optimizer,
-                                      grad_clip=self.client.grad_clip, accelerator=self.accelerator))
-            uplink = Payload.pack(snapshot(self.model, ex.shared), ex.shared, dtype)
-            up += uplink.nbytes
-            uploads[i] = uplink.unpack()
-            sizes[i] = len(me.train)
-            me.private = snapshot(self.model, ex.private)
+        for cohort in self.cohorts(sampled):
+            for i, (loss, state) in zip(cohort, self.train_clients(rnd, cohort, received)):
+                losses.append(loss)
+                uplink = Payload.pack(state, ex.shared, dtype)
+                up += uplink.nbytes
+                uploads[i] = uplink.unpack()
+                sizes[i] = len(self.trainers[i].train)
+                self.trainers[i].private = {n: state[n] for n in ex.private}
+        uploads, dp_metrics = self.privacy(uploads, received, sizes,
+                                           torch.Generator().manual_seed(derive_seed(self.seed, 9, rnd)))
         result = self.aggregator(uploads, sizes, received, data_distance=self.data_distance)
         self.global_state = result.global_state if ex.shared else self.global_state
         self.personal.update(result.personal)  # clients not sampled keep their last personal state
         if result.weights is not None:
             self.log_matrix("weights", rnd, result.ids, result.weights)
         return {"train/loss": float(np.mean(losses)), "comm/up_bytes": up, "comm/down_bytes": down,
-                "fl/clients": len(sampled)}
+                "fl/clients": len(sampled), **dp_metrics}
 
     # -- data-space summaries (once, before round 1) ---------------------------------------
     def upload_data_stats(self) -> dict:
@@ -168,6 +217,11 @@ class Simulation:
             return self.trainers[0].private
         return self.global_state if not self.exchange.private else None
 
+    def personal_state(self, i: int) -> State:
+        """Client i's own model: what it last received (or the global state) and its private tensors."""
+        own = self.trainers[0].private if self.aggregator.pooled else self.clients[i].private
+        return {**self.personal.get(i, self.global_state), **own}
+
     def evaluate(self) -> dict:
         bs, out = self.client.eval_batch_size, {}
         state = self.global_model_state()
@@ -177,12 +231,17 @@ class Simulation:
             out.update({"global/acc": acc, "global/loss": loss})
         else:
             out.update({"global/acc": math.nan, "global/loss": math.nan})
-        accs, losses, sizes = [], [], []
-        for i, c in enumerate(self.clients):
-            own = self.trainers[0].private if self.aggregator.pooled else c.private
-            load(self.model, {**self.personal.get(i, self.global_state), **own})
-            acc, loss, n = evaluate(self.model, self.train_data, c.test, bs, self.collate)
-            accs.append(acc), losses.append(loss), sizes.append(n)
+        results = []
+        for cohort in self.cohorts(list(range(len(self.clients)))):
+            states = [self.personal_state(i) for i in cohort]
+            if self.cohort_size is None:
+                load(self.model, states[0])
+                results.append(evaluate(self.model, self.train_data, self.clients[cohort[0]].test, bs, self.collate))
+                continue
+            with stacked(self.model, states):
+                results += evaluate_cohort(self.model, self.train_data, [self.clients[i].test for i in cohort],
+                                           bs, self.collate)
+        accs, losses, sizes = (list(x) for x in zip(*results))
         out.update(personal_summary(accs, sizes))
         out["personal/loss"] = float(np.average(losses, weights=sizes))
         out["personal/acc_by_client"] = accs

@@ -80,18 +80,22 @@ def minilm_folder() -> Path:
     return folder
 
 
-def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None) -> TextModel:
-    """Any encoder or decoder from a local folder or (with a network) a hub id."""
+def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None,
+            **config) -> TextModel:
+    """Any encoder or decoder from a local folder or (with a network) a hub id.
+
+    `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers.
+    """
     if not (os.path.isdir(path) or "/" in path):
         raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    backbone = AutoModel.from_pretrained(path)
+    backbone = AutoModel.from_pretrained(path, **config)
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
     return TextModel(backbone, tok, backbone.config.hidden_size, backbone.config.model_type, pooling, max_length)
 
 
-def minilm(pooling: str = "mean", max_length: int = 64) -> TextModel:
-    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling."""
-    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length)
+def minilm(pooling: str = "mean", max_length: int = 64, **config) -> TextModel:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; `config` as in hf_text."""
+    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, **config)
 
 
 def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, seed: int = 0,

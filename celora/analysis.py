@@ -1,0 +1,266 @@
+"""Results as one table: run dirs (a run, a multirun, or a tree of them) to a DataFrame, and its aggregates over seeds."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from celora import plots
+from celora.metrics import KEYS
+
+# Columns that describe a run rather than its config or metrics.
+RUN_COLUMNS = ("run", "status", "error", "overrides", "path")
+ACCURACIES = ("global/acc", "personal/acc", "personal/acc_worst10")
+
+
+def _natural(path: Path) -> list:
+    """Sort key under which multirun job dirs go 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """Every run dir at or under `path`: a dir holding a Hydra `.hydra/config.yaml`, a `metrics.jsonl`
+    or a `failed.json`."""
+    root = Path(path)
+    marks = [p.parent.parent for p in root.rglob(".hydra/config.yaml")]
+    marks += [p.parent for name in ("metrics.jsonl", "failed.json") for p in root.rglob(name)]
+    return sorted({m for m in marks if "wandb" not in m.relative_to(root).parts}, key=_natural)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    """Nested config to dotted keys; lists become JSON strings so every value is hashable."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(node, (list, dict)):
+        node = json.dumps(node)
+    return {prefix[:-1]: node}
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The rows of a jsonl file and the number of unreadable lines (a line being written, say)."""
+    rows, bad = [], 0
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            rows.append(json.loads(line))  # accepts the NaN literals of older runs too
+        except json.JSONDecodeError:
+            bad += 1
+    return rows, bad
+
+
+def _status(run: Path) -> tuple[str, str | None]:
+    if (run / "summary.json").exists():
+        return "finished", None
+    if (run / "failed.json").exists():
+        try:
+            return "failed", json.loads((run / "failed.json").read_text())["error"]
+        except (json.JSONDecodeError, KeyError):
+            return "failed", "unreadable failed.json"
+    return "running", None  # or killed without a trace: a process kill leaves nothing to read
+
+
+def load_run(run: Path, root: Path) -> list[dict]:
+    """One dict per evaluated round of one run dir (one row with round NaN when it has none yet)."""
+    hydra_dir = run / ".hydra"
+    config, choices, overrides = {}, {}, []
+    if (hydra_dir / "config.yaml").exists():
+        config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+    if (hydra_dir / "hydra.yaml").exists():
+        hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
+        choices = {k: v for k, v in hydra["runtime"]["choices"].items() if not k.startswith("hydra/")}
+    if (hydra_dir / "overrides.yaml").exists():
+        overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+    status, error = _status(run)
+    rows, bad = _read_jsonl(run / "metrics.jsonl")
+    if bad and status == "finished":
+        warnings.warn(f"{run}: skipped {bad} unreadable line(s) of metrics.jsonl")
+    extra = {}
+    if status == "finished":
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            extra = {k: v for k, v in summary.items() if isinstance(v, (int, float))}  # wall time, parameter counts
+        except json.JSONDecodeError:
+            warnings.warn(f"{run}: unreadable summary.json (metrics.jsonl still counts)")
+    meta = {
+        "run": run.relative_to(root).as_posix(), "status": status, "error": error,
+        "overrides": " ".join(overrides), "path": str(run.resolve()),
+        **choices, **_flatten(config), **extra,
+    }
+    return [{**meta, **row} for row in rows] or [{**meta, "round": math.nan}]
+
+
+def load_runs(path: str | Path) -> pd.DataFrame:
+    """One row per run and evaluated round under `path`: run columns (`run`, `status`, `error`,
+    `overrides`, `path`), the chosen config options (`method`, `adapter`, ...), the flattened config
+    (`adapter._target_`, `partition.alpha`, `seed`, ...), every metrics key, and the summary's scalars.
+
+    A run is `finished` (summary.json), `failed` (failed.json, its `error` kept) or `running`; runs not
+    finished are kept, with whatever rounds they logged, and named in a warning."""
+    root = Path(path)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run dir (.hydra/config.yaml, metrics.jsonl or failed.json) under {root}")
+    df = pd.DataFrame([row for run in runs for row in load_run(run, root)])
+    for key in KEYS:  # every schema key is a numeric column; null (undefined) metrics become NaN
+        df[key] = pd.to_numeric(df[key], errors="coerce") if key in df else np.nan
+    unfinished = df.drop_duplicates("run").query("status != 'finished'")
+    if len(unfinished):
+        warnings.warn(f"{len(unfinished)} of {df['run'].nunique()} runs under {root} not finished: " + ", ".join(
+            f"{r.run} ({r.status}{': ' + r.error if isinstance(r.error, str) else ''})" for r in unfinished.itertuples()))
+    front = [c for c in ("run", "status", *choices_of(df), *KEYS) if c in df]  # KEYS opens with round
+    return df[front + [c for c in df if c not in front]]
+
+
+def choices_of(df: pd.DataFrame) -> list[str]:
+    """The config-group choice columns (`method`, `adapter`, `partition`, ...): plain names, no dot or slash."""
+    return [c for c in df if c not in RUN_COLUMNS and c != "round" and "." not in c and "/" not in c and c != "seed"]
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """Columns that say how a run was configured: choices and flattened config (seed included)."""
+    return [c for c in df if c not in RUN_COLUMNS and c != "round" and "/" not in c]
+
+
+def swept_keys(df: pd.DataFrame) -> list[str]:
+    """The overridden keys whose value differs between runs, seed aside (seeds are replicates).
+
+    A key the others already imply is dropped: e.g. `experiment=compare_adapters` given to some runs
+    and not others, when it changes nothing that `method` does not already tell apart, or
+    `partition.alpha` when each method ran with one alpha."""
+    runs = df.drop_duplicates("run")
+    # `+ablation=gmm seed=1` -> ablation, seed: each key names the column it sets
+    overridden = {k for line in runs["overrides"] for k in re.findall(r"(?:^|\s)[+~]*([\w./-]+)=", line)}
+    keys = sorted(k for k in overridden if k in runs and k != "seed" and not k.startswith("hydra.")
+                  and runs[k].nunique(dropna=False) > 1)
+    if not overridden:  # runs made without Hydra: whatever config differs
+        keys = [c for c in config_columns(runs) if c != "seed" and runs[c].nunique(dropna=False) > 1]
+    compared = [c for c in config_columns(runs) if c != "seed" and not c.startswith("logger.")]
+    # fewest values first; on a tie a plain key goes before a config-group choice (`method` reads better)
+    for key in sorted(keys, key=lambda k: (runs[k].nunique(dropna=False), "." not in k)):
+        rest = [k for k in keys if k != key]
+        if rest and (runs.groupby(rest, dropna=False)[compared].nunique(dropna=False) <= 1).all().all():
+            keys.remove(key)
+    return keys
+
+
+def per_run(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its config, the last evaluated round's metrics (none for a run that logged
+    none), and `best <metric>` (max over rounds) of each accuracy, with `comm/up_bytes_cum at best` the
+    uplink spent when personal/acc peaked."""
+    ordered = df.sort_values("round", kind="stable", na_position="first")
+    last = ordered.groupby("run", sort=False).tail(1).set_index("run").loc[df["run"].unique()]
+    logged = df.dropna(subset=["round"])
+    best = logged.groupby("run", sort=False)[list(ACCURACIES)].max().add_prefix("best ")
+    peak = logged.loc[logged["personal/acc"].notna()]
+    at_peak = peak.loc[peak.groupby("run")["personal/acc"].idxmax()].set_index("run")["comm/up_bytes_cum"]
+    out = last.join(best).join(at_peak.rename("comm/up_bytes_cum at best"))
+    return out.reset_index()
+
+
+def aggregate(runs: pd.DataFrame, by: list[str], values: list[str]) -> pd.DataFrame:
+    """Mean, std and n of `values` over the runs (seeds) of each `by` group, columns `<value> mean|std|n`."""
+    grouped = runs.assign(_all="all").groupby(by or ["_all"], dropna=False, sort=False)[values]
+    stats = grouped.agg(["mean", "std", "count"])
+    stats.columns = [f"{v} {'n' if s == 'count' else s}" for v, s in stats.columns]
+    return stats.reset_index().drop(columns="_all", errors="ignore")
+
+
+TABLE = {  # table column: (per-run column, scale, digits shown)
+    "global acc final": ("global/acc", 1, 3), "global acc best": ("best global/acc", 1, 3),
+    "personal acc final": ("personal/acc", 1, 3), "personal acc best": ("best personal/acc", 1, 3),
+    "worst-10% personal final": ("personal/acc_worst10", 1, 3),
+    "uplink MB final": ("comm/up_bytes_cum", 1e-6, 3), "uplink MB at best personal": ("comm/up_bytes_cum at best", 1e-6, 3),
+    "values sent / client / round": ("params/shared_per_client", 1, 0), "wall min": ("time/total_s", 1 / 60, 1),
+}
+
+
+def results(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """The results table of the finished runs: per `by` group (default: the swept keys) the seeds' mean,
+    std and n of final and best accuracy, cumulative uplink and cost, columns `<name> mean|std`, `n`."""
+    by = swept_keys(df) if by is None else by
+    runs = per_run(df[df["status"] == "finished"])
+    cols = {name: (col, scale) for name, (col, scale, _) in TABLE.items() if col in runs}
+    runs = runs.assign(**{name: runs[col] * scale for name, (col, scale) in cols.items()})
+    stats = aggregate(runs, by, list(cols))
+    n = stats[[f"{name} n" for name in cols]].max(axis=1)  # runs in the group (a metric may be undefined)
+    stats = stats.drop(columns=[f"{name} n" for name in cols])
+    stats.insert(len(by), "n", n.astype(int))
+    return stats
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """`results()` as a markdown table, `mean ± std` per cell (the mean alone for one seed, `-` if undefined)."""
+    names = [c[: -len(" mean")] for c in table if c.endswith(" mean")]
+    keys = [c for c in table if not c.endswith((" mean", " std"))]
+
+    def cell(name, mean, std):
+        if mean != mean:
+            return "-"
+        digits = 0 if float(mean).is_integer() else TABLE.get(name, (None, None, 3))[2]
+        return f"{mean:,.{digits}f}" + ("" if std != std or std == 0 else f" ± {std:,.{digits}f}")
+
+    lines = ["| " + " | ".join(keys + names) + " |", "|" + "---|" * (len(keys) + len(names))]
+    for _, r in table.iterrows():
+        cells = [str(r[k]) for k in keys] + [cell(m, r[f"{m} mean"], r[f"{m} std"]) for m in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def label(row, by: list[str]) -> str:
+    """`method=lora, partition.alpha=0.1`, or the single key's value alone."""
+    if len(by) == 1:
+        return str(row[by[0]])
+    return ", ".join(f"{k}={row[k]}" for k in by) or "all"
+
+
+def over_rounds(df: pd.DataFrame, y: str, x: str = "round", by: list[str] | None = None) -> dict[str, tuple]:
+    """Per `by` group, `(x, mean of y, std of y)` over the seeds at each round: the input of `plots.curves`."""
+    by = swept_keys(df) if by is None else by
+    logged = df.dropna(subset=["round", y])
+    out = {}
+    for _, group in logged.assign(_all="all").groupby(by or ["_all"], dropna=False, sort=False):
+        stats = group.groupby("round").agg(x=(x, "mean"), mean=(y, "mean"), std=(y, "std")).fillna({"std": 0})
+        out[label(group.iloc[0], by)] = (stats["x"].to_numpy(), stats["mean"].to_numpy(), stats["std"].to_numpy())
+    return out
+
+
+def accuracy_by_round(df: pd.DataFrame, y: str = "personal/acc", by: list[str] | None = None):
+    """Figure: `y` against round, one line per group, mean ± std over seeds."""
+    return plots.curves(over_rounds(df, y, by=by), "round", y, title=f"{y} by round")
+
+
+def accuracy_vs_bytes(df: pd.DataFrame, y: str = "personal/acc", by: list[str] | None = None):
+    """Figure: `y` against cumulative uplink bytes (log x); groups that send nothing are a dashed line at
+    their final `y`."""
+    series, flat = {}, {}
+    groups = over_rounds(df, y, x="comm/up_bytes_cum", by=by)
+    for name, (x, mean, std) in groups.items():
+        sent = x > 0
+        if sent.any():
+            series[name] = (x[sent], mean[sent], std[sent])
+        else:
+            flat[name] = mean[-1]
+    return plots.curves(series, "cumulative uplink bytes (all clients)", y, title=f"{y} against uplink (dashed: no uplink)",
+                  logx=True, flat=flat, order=list(groups))
+
+
+def weights_heatmap(run: str | Path, rnd: int | None = None):
+    """Figure: the aggregation-weight matrix of a run dir (aggregator=celora) at round `rnd` (default: last)."""
+    rows, _ = _read_jsonl(Path(run) / "weights.jsonl")
+    if not rows:
+        raise FileNotFoundError(f"{run} has no weights.jsonl (only aggregator=celora writes one)")
+    row = rows[-1] if rnd is None else next(r for r in rows if r["round"] == rnd)
+    return plots.heatmap(np.array(row["matrix"]), row["clients"], f"aggregation weights, round {row['round']}")
+
+
+def partition_histogram(run: str | Path):
+    """Figure: the train label counts per client of a run dir (its partition.json)."""
+    return plots.partition_histogram(json.loads((Path(run) / "partition.json").read_text()))

@@ -1,0 +1,1 @@
+"""Privacy of uploads: gradient-inversion attacks, reconstruction scores, client-level differential privacy."""

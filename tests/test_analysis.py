@@ -1,0 +1,194 @@
+"""Sweeps and analysis: one tiny joblib multirun (2 methods x 2 seeds), read by load_runs, the report and the notebook."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from celora.analysis import load_runs, results, swept_keys
+from celora.metrics import KEYS
+from celora.run import run
+from conftest import CONF_DIR, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS, SEEDS, ROUNDS = ("lora", "celora"), (0, 1), (0, 1, 2)
+
+
+def _env(**extra) -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """4 tiny jobs, 2 at a time in the joblib launcher's worker processes, each into its own run dir."""
+    out = tmp_path_factory.mktemp("sweep") / "multirun"
+    cmd = [sys.executable, "-m", "celora", "-m", *TINY, f"method={','.join(METHODS)}",
+           f"seed={','.join(map(str, SEEDS))}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           f"hydra.sweep.dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_joblib_multirun_gives_each_job_its_dir_and_metrics(sweep):
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == list(ROUNDS)
+        assert (job / "summary.json").exists() and (job / ".hydra" / "config.yaml").exists()
+        assert "JoblibLauncher" in (job / ".hydra" / "hydra.yaml").read_text()
+    assert {(job / "weights.jsonl").exists() for job in jobs} == {True, False}  # celora's jobs only
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher" if launcher == "slurm" else "hydra_plugins.hydra_joblib_launcher")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=main_table"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.sweeper.params["partition.alpha"] == "0.1,0.5,1.0" and cfg.hydra.sweeper.params.seed == "0,1,2"
+
+
+def test_load_runs_one_row_per_run_and_round(sweep):
+    df = load_runs(sweep)
+    assert len(df) == len(METHODS) * len(SEEDS) * len(ROUNDS)
+    assert {"run", "status", "method", "adapter._target_", "partition._target_", "seed", *KEYS} <= set(df)
+    assert set(df["status"]) == {"finished"}
+    assert df.groupby(["method", "seed"]).size().to_dict() == {(m, s): 3 for m in METHODS for s in SEEDS}
+    assert set(df.loc[df["method"] == "celora", "adapter._target_"]) == {"celora.adapters.AdapterConfig"}
+    assert swept_keys(df) == ["method"]
+    table = results(df)
+    assert set(table["method"]) == set(METHODS) and list(table["n"]) == [2, 2]
+    assert {"personal acc final mean", "personal acc best std", "uplink MB final mean"} <= set(table)
+
+
+def test_swept_keys_leave_out_seed_constants_and_implied_keys():
+    import pandas as pd
+
+    df = pd.DataFrame({
+        "run": ["0", "1", "2", "3"],
+        "overrides": ["method=lora experiment=a seed=0", "method=lora experiment=a seed=1",
+                      "method=tri partition.alpha=0.5 seed=0", "+method=tri partition.alpha=0.5 seed=1"],
+        "method": ["lora", "lora", "tri", "tri"], "experiment": ["a", "a", None, None],
+        "adapter.name": ["lora", "lora", "tri", "tri"], "partition.alpha": [0.5] * 4, "seed": [0, 1, 0, 1],
+    })
+    assert swept_keys(df) == ["method"]  # experiment=a changes nothing method does not; alpha is constant
+    df["partition.alpha"] = [0.1, 0.1, 0.5, 0.5]
+    df["overrides"] = [o + " partition.alpha=0.1" * (i < 2) for i, o in enumerate(df["overrides"])]
+    assert swept_keys(df) == ["method"]  # alpha goes with method here: one of them tells the groups apart
+    df["partition.alpha"] = [0.1, 0.5, 0.1, 0.5]
+    assert swept_keys(df) == ["method", "partition.alpha"]
+
+
+def test_load_runs_reports_a_crashed_and_a_running_run(sweep, tmp_path, compose_cfg):
+    for job in ("0", "1"):
+        shutil.copytree(sweep / job, tmp_path / job)
+    with pytest.raises(ValueError):
+        run(compose_cfg(*TINY, "adapter.r=100"), run_dir=tmp_path / "2")  # fails after partition.json
+    assert "ValueError" in json.loads((tmp_path / "2" / "failed.json").read_text())["error"]
+    shutil.copytree(sweep / "2", tmp_path / "3")  # still running: no summary, a line half written
+    (tmp_path / "3" / "summary.json").unlink()
+    lines = (tmp_path / "3" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "3" / "metrics.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:20]]))
+
+    with pytest.warns(UserWarning, match=r"2 of 4 runs .* not finished: 2 \(failed: ValueError.*\), 3 \(running\)"):
+        df = load_runs(tmp_path)
+    status = df.drop_duplicates("run").set_index("run")["status"].to_dict()
+    assert status == {"0": "finished", "1": "finished", "2": "failed", "3": "running"}
+    assert df.loc[df["run"] == "2", "round"].isna().all()  # one row, nothing logged
+    assert list(df.loc[df["run"] == "3", "round"]) == [0, 1]
+    assert results(df[df["status"] == "finished"], by=["method"])["n"].sum() == 2
+
+
+def test_report_writes_table_csv_and_plots(sweep, tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--out", str(tmp_path)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("| method | n | global acc final")
+    for name in ("results.md", "results.csv", "runs.csv", "accuracy_by_round.png", "accuracy_vs_bytes.png",
+                 "partition.png", "weights.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(METHODS)  # the header, one row a method
+
+
+def test_notebook_executes(sweep, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in _env(CELORA_RUNS=str(sweep)).items():
+        monkeypatch.setenv(key, value)  # the kernel inherits them
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # by round, against bytes, partition, weights
+
+
+class _FakeWandb:
+    """Stands in for wandb.init's run: records init arguments, logged rows and images, summary."""
+
+    class Image:
+        def __init__(self, fig):
+            self.fig = fig
+
+    def __init__(self):
+        self.inits, self.logged, self.summary, self.finished = [], [], {}, 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, row, step=None):
+        self.logged.append((step, row))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_gets_config_rows_images_summary_and_sweep_group(tmp_path, monkeypatch):
+    import numpy as np
+    import wandb
+
+    from celora.metrics import Metrics, WandbSink, summarize
+
+    fake = _FakeWandb()
+    monkeypatch.setattr(wandb, "init", fake.init)
+    monkeypatch.setattr(wandb, "Image", _FakeWandb.Image)
+    (tmp_path / "partition.json").write_text(json.dumps({"label_names": ["neg", "pos"], "groups": None, "clients": [
+        {"client": i, "train_counts": [5 + i, 7 - i]} for i in range(3)]}))
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # as inside a multirun job
+        hydra = compose("config", overrides=["hydra.mode=MULTIRUN", "hydra.sweep.dir=multirun/sweep_x"],
+                        return_hydra_config=True)
+    hydra.hydra.job.override_dirname = "method=celora,seed=0"
+    HydraConfig.instance().set_config(hydra)
+    try:
+        sink = WandbSink(dir=str(tmp_path))
+        metrics = Metrics(tmp_path, sink)
+        sink.log_config({"seed": 0})
+    finally:
+        HydraConfig.instance().cfg = None
+    for rnd, acc in enumerate((0.5, 0.8, 0.7)):
+        metrics.log({"round": rnd, "personal/acc": acc, "global/acc": float("nan"), "comm/up_bytes_cum": 10 * rnd})
+        if rnd:
+            metrics.log_matrix("weights", rnd, [0, 1, 2], np.eye(3))
+    summary = {**summarize(metrics.rows), "time/total_s": 1.5}
+    sink.finish(summary)
+
+    (init,) = fake.inits
+    assert init["mode"] == "offline" and init["config"] == {"seed": 0} and init["dir"] == str(tmp_path)
+    assert init["group"] == "multirun/sweep_x" and init["name"] == "method=celora,seed=0"
+    images = {k: v for _, row in fake.logged for k, v in row.items() if isinstance(v, _FakeWandb.Image)}
+    assert set(images) == {"partition/train_labels", "matrix/weights"}
+    assert [step for step, row in fake.logged if "personal/acc" in row] == [0, 1, 2]
+    steps = [step for step, _ in fake.logged]
+    assert steps == sorted(steps)  # W&B drops a row whose step goes back
+    assert fake.summary["last/personal/acc"] == 0.7 and fake.summary["best/personal/acc"] == 0.8
+    assert fake.summary["best_round/personal/acc"] == 1 and fake.summary["time/total_s"] == 1.5
+    assert "last/global/acc" not in fake.summary and fake.finished == 1  # undefined stays out
