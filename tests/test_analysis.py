@@ -49,7 +49,6 @@ def test_joblib_multirun_gives_each_job_its_dir_and_metrics(sweep):
 
 @pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
 def test_launcher_configs_compose(launcher, target):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher" if launcher == "slurm" else "hydra_plugins.hydra_joblib_launcher")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=main_table"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -120,8 +119,9 @@ def test_report_writes_table_csv_and_plots(sweep, tmp_path):
 
 
 def test_notebook_executes(sweep, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
+
     for key, value in _env(CELORA_RUNS=str(sweep)).items():
         monkeypatch.setenv(key, value)  # the kernel inherits them
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)

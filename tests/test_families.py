@@ -433,7 +433,8 @@ def test_conv1x1_only_pointwise_convolutions_are_adaptable():
 
 
 def _peft_pair(backbone: nn.Module, targets: list[str], fan_in_fan_out: bool):
-    peft = pytest.importorskip("peft")
+    import peft
+
     ours = copy.deepcopy(backbone)
     names = inject(ours, adapter_cfg("lora"), targets, SEED)
     gen = torch.Generator().manual_seed(4)
