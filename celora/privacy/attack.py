@@ -1,6 +1,7 @@
 """Gradient inversion by an honest-but-curious server: replay the client's local steps on dummy inputs until they match its upload."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,40 @@ def nearest_tokens(x: Tensor, table: Tensor, candidates: Tensor, required: Tenso
     return out
 
 
+def total_variation(images: Tensor) -> Tensor:
+    """Mean absolute difference between neighbouring pixels of (B, C, H, W) images: the natural-image prior."""
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+
+
+def _match(update: Callable[[Tensor, Tensor, bool], State], observed: State, x: Tensor, step_size: float,
+           labels: Tensor | None, num_classes: int, iterations: int, lr: float, generator: torch.Generator,
+           prior: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Adam on the dummy input `x` (and soft labels when `labels` is None) to minimise the cosine distance
+    between the replayed update and the observed one, plus `prior(x)`. Returns (x, label logits)."""
+    x = x.requires_grad_(True)
+    label_logits = torch.randn(x.shape[0], num_classes, generator=generator).requires_grad_(True)
+    # label logits live on another scale than the inputs: their own step size
+    groups = [{"params": [x], "lr": lr * step_size}]
+    groups += [{"params": [label_logits], "lr": lr}] if labels is None else []
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
+    for _ in range(iterations):
+        targets = label_logits.softmax(-1) if labels is None else labels
+        loss = cosine_distance(update(x, targets, True), observed)
+        if prior is not None:
+            loss = loss + prior(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return x.detach(), label_logits.detach()
+
+
+def _bias_name(model: nn.Module) -> str:
+    return next(n for n, p in model.named_parameters() if p is model.head.bias)
+
+
 @dataclass
 class Reconstruction:
     ids: Tensor  # (B, L) token ids, the known special tokens in place
@@ -112,8 +147,7 @@ class TextAttack:
     from random embeddings; after `iterations` Adam steps the embeddings are decoded to the nearest
     vocabulary token per position and the restart whose decoded batch matches best is kept. When
     the upload contains the word-embedding matrix (full fine-tuning) the decoder only chooses among
-    the leaked tokens. An image attack plugs in as another class with the same call: pixels
-    instead of embeddings, a total-variation prior, no decoding step (not implemented yet).
+    the leaked tokens. `ImageAttack` is the same search over pixels.
     """
 
     restarts: int = 2
@@ -145,38 +179,84 @@ class TextAttack:
         scale = table.std().item()
         fixed, mask = table[template], free.unsqueeze(-1)
 
-        def update(embeds: Tensor, targets: Tensor, create_graph: bool) -> State:
-            inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        def update(x: Tensor, targets: Tensor, create_graph: bool) -> State:
+            inputs = {"inputs_embeds": torch.where(mask, x, fixed), "attention_mask": attention_mask}
             return local_update(model, names, inputs, targets, steps, client_lr, create_graph)
 
-        bias = next(n for n, p in model.named_parameters() if p is model.head.bias)
-        soft_labels = self.infer_labels and bias not in observed
+        bias = _bias_name(model)
         best = None
         for _ in range(self.restarts):
-            x = (scale * torch.randn(fixed.shape, generator=generator)).requires_grad_(True)
-            dummy = torch.where(mask, x, fixed)
+            x = scale * torch.randn(fixed.shape, generator=generator)
+            known = labels if not self.infer_labels else None
             if self.infer_labels and bias in observed:
                 with torch.no_grad():
-                    probs = model(inputs_embeds=dummy, attention_mask=attention_mask).softmax(-1).mean(0)
-                labels = labels_from_bias(observed[bias], probs, client_lr, steps, len(template))
-            label_logits = torch.randn(template.shape[0], num_classes, generator=generator).requires_grad_(True)
-            # label logits live on another scale than embeddings: their own step size
-            groups = [{"params": [x], "lr": self.lr * scale}]
-            groups += [{"params": [label_logits], "lr": self.lr}] if soft_labels else []
-            opt = torch.optim.Adam(groups)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.iterations)
-            for _ in range(self.iterations):
-                targets = label_logits.softmax(-1) if soft_labels else labels
-                loss = cosine_distance(update(torch.where(mask, x, fixed), targets, True), observed)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+                    probs = model(inputs_embeds=torch.where(mask, x, fixed),
+                                  attention_mask=attention_mask).softmax(-1).mean(0)
+                known = labels_from_bias(observed[bias], probs, client_lr, steps, len(template))
+            x, label_logits = _match(update, observed, x, scale, known, num_classes, self.iterations, self.lr,
+                                     generator)
             with torch.no_grad():
                 ids = template.clone()
-                ids[free] = nearest_tokens(x.detach()[free], table, candidates, leaked)
-                guess = label_logits.argmax(-1) if soft_labels else labels
+                ids[free] = nearest_tokens(x[free], table, candidates, leaked)
+                guess = label_logits.argmax(-1) if known is None else known
             decoded = cosine_distance(update(table[ids], guess, False), observed).item()
             if best is None or decoded < best.loss:
                 best = Reconstruction(ids, guess, decoded, candidates.numel())
+        return best
+
+
+@dataclass
+class ImageReconstruction:
+    images: Tensor  # (B, C, H, W) in [0, 1]
+    labels: Tensor  # (B,)
+    loss: float  # cosine distance of the reconstruction's update to the observed one
+
+
+@dataclass
+class ImageAttack:
+    """Inverting gradients on pixels (Geiping et al., 2020): the TextAttack search with pixels in place of
+    embeddings, a total-variation prior of weight `tv`, and no decoding step.
+
+    Pixels are optimised in [0, 1] through a sigmoid and mapped to the model's input by `normalize`
+    (the data's own normalisation, known to the attacker); labels as in TextAttack. The restart
+    whose update matches best is kept.
+    """
+
+    restarts: int = 2
+    iterations: int = 200
+    lr: float = 0.1  # Adam step on the pixels' logits
+    tv: float = 1e-2
+    infer_labels: bool = True
+    input_name: str = "pixel_values"
+
+    def __post_init__(self):
+        if self.restarts < 1 or self.iterations < 1 or not self.lr > 0 or self.tv < 0:
+            raise ValueError("attack.restarts >= 1, attack.iterations >= 1, attack.lr > 0 and attack.tv >= 0 "
+                             "are required")
+
+    def __call__(self, model: nn.Module, observed: State, names: list[str], shape: tuple[int, ...],
+                 labels: Tensor, num_classes: int, steps: int, client_lr: float, generator: torch.Generator,
+                 normalize: Callable[[Tensor], Tensor] = lambda images: images) -> ImageReconstruction:
+        """`shape`: the batch's (B, C, H, W), known to the attacker; `labels` only used when `infer_labels` is off."""
+        def inputs(z: Tensor) -> dict[str, Tensor]:
+            return {self.input_name: normalize(torch.sigmoid(z))}
+
+        def update(z: Tensor, targets: Tensor, create_graph: bool) -> State:
+            return local_update(model, names, inputs(z), targets, steps, client_lr, create_graph)
+
+        bias = _bias_name(model)
+        best = None
+        for _ in range(self.restarts):
+            z = torch.randn(shape, generator=generator)
+            known = labels if not self.infer_labels else None
+            if self.infer_labels and bias in observed:
+                with torch.no_grad():
+                    probs = model(**inputs(z)).softmax(-1).mean(0)
+                known = labels_from_bias(observed[bias], probs, client_lr, steps, shape[0])
+            z, label_logits = _match(update, observed, z, 1.0, known, num_classes, self.iterations, self.lr,
+                                     generator, prior=lambda v: self.tv * total_variation(torch.sigmoid(v)))
+            guess = label_logits.argmax(-1) if known is None else known
+            loss = cosine_distance(update(z, guess, False), observed).item()
+            if best is None or loss < best.loss:
+                best = ImageReconstruction(torch.sigmoid(z), guess, loss)
         return best
