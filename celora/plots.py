@@ -69,3 +69,48 @@ def curves(series: dict[str, tuple], xlabel: str, ylabel: str, title: str = "", 
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def grouped_bars(values: dict[str, dict[str, float]], ylabel: str, title: str = "", ylim: tuple | None = None):
+    """Bars of values[group][member]: one cluster per group, one colour per member (e.g. victim x defence)."""
+    groups = list(values)
+    members = list(dict.fromkeys(m for g in groups for m in values[g]))
+    width = 0.8 / max(len(members), 1)
+    fig = Figure(figsize=(1.5 + 1.1 * len(groups), 3.4))
+    ax = fig.subplots()
+    for k, member in enumerate(members):
+        x = np.arange(len(groups)) + (k - (len(members) - 1) / 2) * width
+        ax.bar(x, [values[g].get(member, np.nan) for g in groups], width, label=member, color=f"C{k % 10}")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(rows: dict[str, "np.ndarray"], title: str = ""):
+    """One row of images per label (e.g. the originals, then each reconstruction); arrays (N, C, H, W) in [0, 1]."""
+    labels = list(rows)
+    n = max(len(v) for v in rows.values())
+    fig = Figure(figsize=(1.2 + 1.1 * n, 0.4 + 1.1 * len(labels)))
+    axes = np.atleast_2d(fig.subplots(len(labels), n, squeeze=False))
+    for r, label in enumerate(labels):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(rows[label]):
+                img = np.asarray(rows[label][c]).transpose(1, 2, 0).clip(0, 1)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                          vmin=0, vmax=1)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

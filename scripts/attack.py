@@ -17,6 +17,7 @@ from torch import nn
 from celora.adapters import AdapterConfig, inject
 from celora.data.batches import Collate
 from celora.fl.wire import Exchange
+from celora.plots import grouped_bars
 from celora.privacy.attack import local_update
 from celora.privacy.scores import position_accuracy, token_f1
 
@@ -123,7 +124,17 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
                         texts.append(f"- original:      {t}\n- reconstructed: {g}\n")
     (out / "texts.md").write_text("".join(texts))
     (out / "table.md").write_text(table(rows, list(cfg.batch_sizes)))
+    figure(rows, "f1", "token-recovery F1").savefig(out / "scores.png", dpi=120)
     return rows
+
+
+def figure(rows: list[dict], metric: str, label: str):
+    """Mean `metric` per upload (cluster) and defence x batch size (bar)."""
+    values: dict[str, dict[str, float]] = {}
+    for r in rows:
+        values.setdefault(r["victim"], {}).setdefault(f"{r['defence']}, B={r['batch_size']}", []).append(r[metric])
+    means = {v: {k: float(np.mean(x)) for k, x in d.items()} for v, d in values.items()}
+    return grouped_bars(means, label, "what one upload gives away", ylim=(0, 1.05))
 
 
 @hydra.main(config_path="../conf", config_name="privacy_attack", version_base="1.3")

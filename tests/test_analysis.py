@@ -192,3 +192,15 @@ def test_wandb_gets_config_rows_images_summary_and_sweep_group(tmp_path, monkeyp
     assert fake.summary["last/personal/acc"] == 0.7 and fake.summary["best/personal/acc"] == 0.8
     assert fake.summary["best_round/personal/acc"] == 1 and fake.summary["time/total_s"] == 1.5
     assert "last/global/acc" not in fake.summary and fake.finished == 1  # undefined stays out
+
+
+def test_grouped_bars_and_image_grid_draw_what_they_are_given():
+    import numpy as np
+
+    from celora.plots import grouped_bars, image_grid
+
+    fig = grouped_bars({"full": {"none": 1.0, "dp": 0.5}, "tri": {"none": 0.0}}, "F1")
+    heights = [p.get_height() for p in fig.axes[0].patches]  # member by member: none (full, tri), dp (full, tri)
+    assert heights[:3] == [1.0, 0.0, 0.5] and np.isnan(heights[3])  # the missing tri/dp bar is a gap
+    grid = image_grid({"original": np.zeros((3, 1, 8, 8)), "full": np.ones((2, 3, 8, 8))})
+    assert len(grid.axes) == 2 * 3 and sum(len(ax.images) for ax in grid.axes) == 5

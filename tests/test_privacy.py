@@ -261,6 +261,7 @@ def test_comparison_script_runs_end_to_end(tmp_path, one_thread):
     assert len(saved) == len(rows)
     assert "reconstructed:" in (tmp_path / "out" / "texts.md").read_text()
     assert (tmp_path / "out" / "table.md").read_text().count("\n") == 2 + 4
+    assert (tmp_path / "out" / "scores.png").stat().st_size > 0
 
 
 # -- DP inside a federated run ----------------------------------------------------------------
