@@ -9,7 +9,7 @@ from pathlib import Path
 KEYS = (
     "round", "global/acc", "global/loss", "personal/acc", "personal/acc_unweighted",
     "personal/acc_worst10", "personal/loss", "train/loss", "comm/up_bytes", "comm/down_bytes",
-    "comm/up_bytes_cum", "comm/down_bytes_cum", "fl/clients", "time/round_s",
+    "comm/up_bytes_cum", "comm/down_bytes_cum", "fl/clients", "fl/rejected_clients", "time/round_s",
 )
 
 
@@ -130,13 +130,28 @@ class Metrics:
 
     def log(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
-        partition = self.path.parent / "partition.json"
-        if not self.rows and partition.exists():  # written before training: it opens the run's images
-            self.sink.log_partition(json.loads(partition.read_text()))
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self._forward(row, first=len(self.rows) == 1)
+
+    def _forward(self, row: dict, first: bool) -> None:
+        partition = self.path.parent / "partition.json"
+        if first and partition.exists():  # written before training: it opens the run's images
+            self.sink.log_partition(json.loads(partition.read_text()))
         self.sink.log(row)
+
+    def restore(self, rows: list[dict], through: int) -> None:
+        """Makes the run dir hold exactly `rows` and the matrices of rounds <= `through` (what a
+        checkpoint saw), so rows a killed process wrote after its last checkpoint are neither kept
+        nor duplicated; replays the rows to the sink, whose run starts anew."""
+        self.rows = list(rows)
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        for path in self.path.parent.glob("*.jsonl"):
+            if path != self.path:
+                _trim_matrices(path, through)
+        for k, row in enumerate(rows):
+            self._forward(row, first=k == 0)
 
     def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
         """A client x client matrix (aggregation weights, data distances) to `<name>.jsonl` and the sink."""
@@ -144,3 +159,22 @@ class Metrics:
         with (self.path.parent / f"{name}.jsonl").open("a") as f:
             f.write(json.dumps({"round": rnd, "clients": list(ids), "matrix": rows}) + "\n")
         self.sink.log_matrix(name, rnd, ids, rows)
+
+
+def _trim_matrices(path: Path, through: int) -> None:
+    """Keeps the rows of rounds <= through of a `log_matrix` file (a cut-off last line goes too);
+    files of another shape are left alone."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not (isinstance(row, dict) and {"round", "clients", "matrix"} <= set(row)):
+            return  # not a matrix file
+        if row["round"] <= through:
+            kept.append(line + "\n")
+    if kept:
+        path.write_text("".join(kept))
+    else:
+        path.unlink()

@@ -1,4 +1,4 @@
-"""The experiment, top to bottom: seed, data, partition, model, adapter, exchange, simulate, summarise."""
+"""The experiment, top to bottom: check, resume point, seed, data, partition, model, adapter, simulate, summarise."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from celora.adapters import inject
 from celora.data.batches import Collate, Encoded
 from celora.data.partition import label_counts
-from celora.fl.simulation import ClientConfig, FLConfig, derive_seed
-from celora.fl.wire import Exchange, wire_dtype
+from celora.fl import checkpoint
+from celora.fl.simulation import derive_seed
+from celora.fl.wire import Exchange
 from celora.metrics import Metrics, summarize
+from celora.validate import build
 
 log = logging.getLogger("celora")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -34,9 +36,40 @@ def _run_dir(run_dir) -> Path:
     return path
 
 
-def fl_config(cfg: DictConfig) -> FLConfig:
-    """The federation's settings, interpolations resolved (experiments set e.g. eval_every: ${fl.rounds})."""
-    return FLConfig(**{**OmegaConf.to_container(cfg.fl, resolve=True), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
+# Keys that change no number of a run: a checkpoint may be resumed under other values of these.
+NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir")
+
+
+def result_config(cfg: DictConfig) -> dict:
+    """The resolved config without NOT_IN_RESULTS: what a checkpoint must match to be resumed."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_RESULTS:
+        *path, last = key.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return tree
+
+
+def resume_point(directory: Path, mode: str, config: dict) -> dict | None:
+    """The checkpoint to continue from (None: start over); one saved under another config is refused
+    unless mode is `force`."""
+    if mode == "never":
+        checkpoint.clear(directory)
+        return None
+    saved = checkpoint.load_latest(directory)
+    if saved is None or saved["config_hash"] == checkpoint.fingerprint(config):
+        return saved
+    changes = "; ".join(f"{key}: {old!r} -> {new!r}"
+                        for key, old, new in checkpoint.differences(saved["config"], config))
+    if mode != "force":
+        raise ValueError(f"{directory.parent} holds a checkpoint (round {saved['round']}) of a run with another "
+                         f"config ({changes}). Run it with its old config to resume it, add resume=force to go "
+                         "on under the new one, or resume=never to start over.")
+    warnings.warn(f"resuming after round {saved['round']} under a changed config (resume=force): {changes}")
+    return saved
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
@@ -56,17 +89,27 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
 def _experiment(cfg: DictConfig, out: Path) -> dict:
     """run() itself, writing into `out`."""
+    parts = build(cfg)  # every check that needs neither data nor model, all problems in one error
+    config = result_config(cfg)
+    saved = resume_point(out / "checkpoints", cfg.get("resume", "auto"), config)
+    if saved is not None and saved["round"] >= parts.fl.rounds and (out / "summary.json").exists():
+        try:
+            summary = json.loads((out / "summary.json").read_text())
+            log.info("%s finished before (round %d): nothing to do", out, saved["round"])
+            return summary
+        except ValueError:
+            pass  # unreadable: written again below from the checkpoint
+    (out / "summary.json").unlink(missing_ok=True)  # a run that trains has no summary until it ends
+
     torch.manual_seed(cfg.seed)
-    fl = fl_config(cfg)
-    adapter = instantiate(cfg.adapter)  # validates itself
+    fl, adapter, aggregator = parts.fl, parts.adapter, parts.aggregator
 
     backbone = instantiate(cfg.model)
     data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
-    partition = instantiate(cfg.partition)
-    splits = partition.split(data.train, fl.num_clients, cfg.seed)
+    splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
     counts = label_counts(data.train, splits, data.num_classes)
     # latent groups, where the partition has them: the ground truth personalisation should find
-    groups = partition.group_of(fl.num_clients) if hasattr(partition, "group_of") else None
+    groups = parts.partition.group_of(fl.num_clients) if hasattr(parts.partition, "group_of") else None
     (out / "partition.json").write_text(json.dumps(
         {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
@@ -77,7 +120,6 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
         raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
     # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
     inject(model, adapter, targets, seed=derive_seed(cfg.seed, 2))
-    aggregator = instantiate(cfg.aggregator)
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
 
     sink = instantiate(cfg.logger)
@@ -87,27 +129,37 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     summary: dict = {}
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True))
-        client = ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=cfg.client.local_steps,
-                              batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
-                              grad_clip=cfg.client.grad_clip, max_epochs=cfg.client.max_epochs)
-        sim = instantiate(cfg.simulation)(
+        sim = parts.simulation(
             model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
-            test=Encoded(data.test), splits=splits, fl=fl, client=client, seed=cfg.seed,
+            test=Encoded(data.test), splits=splits, fl=fl, client=parts.client, seed=cfg.seed,
             collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
-            log_matrix=metrics.log_matrix, num_classes=data.num_classes,
-            privacy=instantiate(cfg.privacy)(sample_rate=fl.clients_per_round / fl.num_clients),
+            log_matrix=metrics.log_matrix, num_classes=data.num_classes, privacy=parts.privacy,
         )
+        before = 0.0  # seconds spent in earlier processes of this run
+        if saved is not None:
+            sim.load_state_dict(saved["simulation"])
+            before = saved["elapsed_s"]
+            log.info("resuming %s after round %d", out, saved["round"])
+        # exactly the checkpointed rows: those a killed process logged after its last checkpoint go
+        metrics.restore(saved["metrics"] if saved else [], saved["round"] if saved else -1)
         t0 = time.perf_counter()
-        sim.run()
+
+        def save(rnd: int) -> None:
+            checkpoint.save(out / "checkpoints", rnd, {
+                "round": rnd, "config": config, "config_hash": checkpoint.fingerprint(config),
+                "simulation": sim.state_dict(), "metrics": metrics.rows,
+                "elapsed_s": before + time.perf_counter() - t0})
+
+        sim.run(on_round_end=save)
         params = dict(model.named_parameters())
         summary = {
             **summarize(metrics.rows),  # the rows as logged: undefined metrics are null, not NaN
-            "time/total_s": time.perf_counter() - t0,
+            "time/total_s": before + time.perf_counter() - t0,
             "params/trainable_per_client": sum(params[n].numel() for n in exchange.trainable),
             "params/shared_per_client": sum(params[n].numel() for n in exchange.shared),
             "params/adapted_modules": len([n for n in params if n.endswith(".lora_A")]),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+        checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode())
         last = summary["last"]
         log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
                  summary["time/total_s"], last.get("global/acc"), last["personal/acc"],

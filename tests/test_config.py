@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from celora.adapters import AdapterConfig
-from celora.run import fl_config
+from celora.validate import fl_config
 from conftest import CONF_DIR
 
 

@@ -105,6 +105,13 @@ class Dirichlet(Partition):
     min_partition_size: int = 10
     self_balancing: bool = False
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.alpha > 0:
+            raise ValueError(f"partition.alpha={self.alpha} must be > 0 (0.1: strongly skewed, 10: near IID).")
+        if self.min_partition_size < 0:
+            raise ValueError(f"partition.min_partition_size={self.min_partition_size} must be >= 0.")
+
     def _hint(self) -> str:
         return ", a larger alpha, or a larger min_partition_size"
 
@@ -130,6 +137,11 @@ class Pathological(Partition):
 
     classes_per_client: int = 1
     class_assignment_mode: str = "first-deterministic"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.classes_per_client < 1:
+            raise ValueError(f"partition.classes_per_client={self.classes_per_client} must be >= 1.")
 
     def _assign(self, ds, num_clients, seed, label_column):
         partitioner = PathologicalPartitioner(num_clients, label_column, self.classes_per_client,

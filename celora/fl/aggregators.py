@@ -39,6 +39,7 @@ class FedAvg:
 
     communicates = True
     pooled = False
+    personalised = False  # one aggregate for everybody (size-weighted), not a mix per client
 
     data_stats = None  # no data-space summaries needed
 

@@ -35,6 +35,7 @@ class CeLoRA:
 
     communicates = True
     pooled = False
+    personalised = True  # each client receives its own mix of the uploads
 
     def __post_init__(self):
         if not 0 <= self.lam <= 1:

@@ -1,6 +1,8 @@
 """The federated round loop: sample, send, train locally, upload, aggregate, evaluate, log."""
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from celora.data.batches import Collate, Encoded, train_loader
+from celora.fl import faults
 from celora.fl.aggregators import FedAvg
 from celora.fl.client import set_trainable, stacked, train_cohort, train_local
 from celora.fl.evaluation import evaluate, evaluate_cohort, personal_summary
@@ -20,6 +23,8 @@ from celora.privacy.dp import NoPrivacy
 from celora.similarity import data_distance
 
 State = dict[str, torch.Tensor]
+ON_CLIENT_ERROR = ("skip", "raise")
+log = logging.getLogger("celora")
 
 
 @dataclass
@@ -29,12 +34,20 @@ class FLConfig:
     sample_fraction: float = 0.5
     eval_every: int = 1
     wire_dtype: torch.dtype = torch.float32
+    max_update_norm_ratio: float | None = None  # reject an update this many times the round's median norm
+    on_client_error: str = "skip"  # skip: a client whose training raises is left out of the round | raise
 
     def __post_init__(self):
-        if self.num_clients < 1 or self.rounds < 0 or self.eval_every < 1:
-            raise ValueError("fl.num_clients >= 1, fl.rounds >= 0 and fl.eval_every >= 1 are required")
+        for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"fl.{key} must be >= {low}, got {getattr(self, key)}")
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"fl.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 1:
+            raise ValueError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
+                             f"got {self.max_update_norm_ratio}")
+        if self.on_client_error not in ON_CLIENT_ERROR:
+            raise ValueError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
 
     @property
     def clients_per_round(self) -> int:
@@ -51,6 +64,11 @@ class ClientConfig:
     max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
 
     def __post_init__(self):
+        for key in ("local_steps", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"client.{key} must be >= 1, got {getattr(self, key)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
 
@@ -87,6 +105,12 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def check_cohort_size(cohort_size) -> None:
+    if not (cohort_size is None or cohort_size == "all" or
+            (isinstance(cohort_size, int) and not isinstance(cohort_size, bool) and cohort_size >= 1)):
+        raise ValueError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
+
+
 class Simulation:
     """All clients in one process on one shared backbone.
 
@@ -102,8 +126,7 @@ class Simulation:
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
                  num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
                  cohort_size: int | str | None = None, privacy: Callable | None = None):
-        if not (cohort_size is None or cohort_size == "all" or (isinstance(cohort_size, int) and cohort_size >= 1)):
-            raise ValueError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
+        check_cohort_size(cohort_size)
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
         self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
@@ -122,6 +145,45 @@ class Simulation:
         self.personal: dict[int, State] = {}
         self.sampler = np.random.default_rng([seed, 1])
         self.cum = {"up": 0, "down": 0}
+        self.completed = -1  # the last round done (0: the round-0 evaluation)
+
+    # -- state: what a resumed run needs beyond what the config rebuilds ----------------------
+    def state_dict(self) -> dict:
+        """Everything that changes from round to round, as tensors and plain Python values.
+
+        The rest (data, partition, backbone, frozen factors, head init, and the seeds of each
+        round's sampling of batches, dropout and noise) is rebuilt from the config and the seed,
+        so a run restored from this after round k computes round k + 1 exactly as if never stopped.
+        """
+        return {
+            "completed": self.completed,
+            "global": self.global_state,
+            "personal": self.personal,
+            "private": [t.private for t in self.trainers],
+            "sampler": json.dumps(self.sampler.bit_generator.state),  # 128-bit ints as text
+            "cum": dict(self.cum),
+            "data_distance": self.data_distance,
+            "privacy": self.privacy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        tensors = [state["global"], *state["personal"].values(), *state["private"]]
+        bad = sorted({n for s in tensors for n, t in s.items() if shapes.get(n) != t.shape})
+        if len(state["private"]) != len(self.trainers):
+            bad.append(f"{len(state['private'])} clients, not {len(self.trainers)}")
+        if bad:
+            raise ValueError(f"the checkpoint's state does not fit this run's model and clients ({bad[:3]}); "
+                             "it belongs to another config: start over with resume=never")
+        self.completed = state["completed"]
+        self.global_state = state["global"]
+        self.personal = dict(state["personal"])
+        for trainer, private in zip(self.trainers, state["private"]):
+            trainer.private = private
+        self.sampler.bit_generator.state = json.loads(state["sampler"])
+        self.cum = dict(state["cum"])
+        self.data_distance = state["data_distance"]
+        self.privacy.load_state_dict(state["privacy"])
 
     # -- one round ---------------------------------------------------------------------------
     def sample(self) -> list[int]:
@@ -160,9 +222,30 @@ class Simulation:
                                       grad_clip=clip, accelerator=self.accelerator)
         return list(zip(losses, states))
 
+    def train_guarded(self, rnd: int, cohort: list[int],
+                      received: dict[int, State]) -> tuple[dict[int, tuple[float, State]], dict[int, Exception]]:
+        """train_clients, keeping a client whose training raises out of the round (fl.on_client_error=skip).
+
+        A cohort that raises is re-run one client at a time, so one client's fault never discards
+        the others' work. Returns (client -> (loss, trained tensors), client -> its exception)."""
+        try:
+            return dict(zip(cohort, self.train_clients(rnd, cohort, received))), {}
+        except Exception as e:
+            if self.fl.on_client_error == "raise":
+                raise
+            if len(cohort) == 1:
+                log.warning("round %d: client %d's local training raised %s: %s; it is left out of this round "
+                            "(fl.on_client_error=skip)", rnd, cohort[0], type(e).__name__, e)
+                return {}, {cohort[0]: e}
+        done, failed = {}, {}
+        for i in cohort:
+            ok, bad = self.train_guarded(rnd, [i], received)
+            done.update(ok), failed.update(bad)
+        return done, failed
+
     def train_round(self, rnd: int) -> dict:
         ex, dtype = self.exchange, self.fl.wire_dtype
-        uploads, sizes, received, losses = {}, {}, {}, []
+        trained, failed, received = {}, {}, {}
         up = down = 0
         sampled = self.sample()
         for i in sampled:
@@ -170,22 +253,37 @@ class Simulation:
             down += downlink.nbytes
             received[i] = downlink.unpack()
         for cohort in self.cohorts(sampled):
-            for i, (loss, state) in zip(cohort, self.train_clients(rnd, cohort, received)):
-                losses.append(loss)
-                uplink = Payload.pack(state, ex.shared, dtype)
-                up += uplink.nbytes
-                uploads[i] = uplink.unpack()
-                sizes[i] = len(self.trainers[i].train)
-                self.trainers[i].private = {n: state[n] for n in ex.private}
+            done, bad = self.train_guarded(rnd, cohort, received)
+            trained.update(done), failed.update(bad)
+        if failed and not trained:  # a fault in every client is a fault of the run, not of a client
+            first = next(iter(failed.values()))
+            raise RuntimeError(f"round {rnd}: the local training of every client raised") from first
+        uploads, privates, losses = {}, {}, {}
+        for i in sorted(trained):
+            losses[i], state = trained[i]
+            uplink = Payload.pack(state, ex.shared, dtype)
+            up += uplink.nbytes  # sent before the server could look at it: a rejected upload still counts
+            uploads[i] = uplink.unpack()
+            privates[i] = {n: state[n] for n in ex.private}
+        rejected = faults.screen(uploads, privates, received, self.fl.max_update_norm_ratio, losses)
+        for i, why in rejected.items():
+            log.warning("round %d: client %d's result is rejected: %s", rnd, i, why)
+        accepted = [i for i in sorted(uploads) if i not in rejected]
+        for i in accepted:
+            self.trainers[i].private = privates[i]
+        uploads = {i: uploads[i] for i in accepted}
+        sizes = {i: len(self.trainers[i].train) for i in accepted}
         uploads, dp_metrics = self.privacy(uploads, received, sizes,
                                            torch.Generator().manual_seed(derive_seed(self.seed, 9, rnd)))
-        result = self.aggregator(uploads, sizes, received, data_distance=self.data_distance)
-        self.global_state = result.global_state if ex.shared else self.global_state
-        self.personal.update(result.personal)  # clients not sampled keep their last personal state
-        if result.weights is not None:
-            self.log_matrix("weights", rnd, result.ids, result.weights)
-        return {"train/loss": float(np.mean(losses)), "comm/up_bytes": up, "comm/down_bytes": down,
-                "fl/clients": len(sampled), **dp_metrics}
+        if uploads:  # with every client rejected the server keeps its state
+            result = self.aggregator(uploads, sizes, received, data_distance=self.data_distance)
+            self.global_state = result.global_state if ex.shared else self.global_state
+            self.personal.update(result.personal)  # clients not sampled keep their last personal state
+            if result.weights is not None:
+                self.log_matrix("weights", rnd, result.ids, result.weights)
+        return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
+                "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
+                "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics}
 
     # -- data-space summaries (once, before round 1) ---------------------------------------
     def upload_data_stats(self) -> dict:
@@ -248,18 +346,24 @@ class Simulation:
         return out
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> list[dict]:
+    def run(self, on_round_end: Callable[[int], None] = lambda rnd: None) -> list[dict]:
+        """Round 0 (data statistics, first evaluation), then rounds to fl.rounds, from the one after
+        `self.completed` (a restored run goes on where it stopped); `on_round_end(rnd)` after each."""
         rows = []
         set_trainable(self.model, self.exchange.trainable)
-        t0 = time.perf_counter()
-        # Round 0: each client receives the 64-bit init seed once (nothing is sent without a federation).
-        seed_down = SEED_BYTES * self.fl.num_clients if self.aggregator.communicates else 0
-        row = {"round": 0, "train/loss": math.nan, "comm/up_bytes": 0, "comm/down_bytes": seed_down,
-               "fl/clients": 0, **self.upload_data_stats(), **self.evaluate()}
-        self.cum["down"] += row["comm/down_bytes"]
-        self.cum["up"] += row["comm/up_bytes"]
-        rows.append(self._emit(row, t0))
-        bar = tqdm(range(1, self.fl.rounds + 1), desc="rounds", disable=not self.progress, dynamic_ncols=True)
+        if self.completed < 0:
+            t0 = time.perf_counter()
+            # Round 0: each client receives the 64-bit init seed once (nothing is sent without a federation).
+            seed_down = SEED_BYTES * self.fl.num_clients if self.aggregator.communicates else 0
+            row = {"round": 0, "train/loss": math.nan, "comm/up_bytes": 0, "comm/down_bytes": seed_down,
+                   "fl/clients": 0, "fl/rejected_clients": 0, **self.upload_data_stats(), **self.evaluate()}
+            self.cum["down"] += row["comm/down_bytes"]
+            self.cum["up"] += row["comm/up_bytes"]
+            rows.append(self._emit(row, t0))
+            self.completed = 0
+            on_round_end(0)
+        bar = tqdm(range(self.completed + 1, self.fl.rounds + 1), desc="rounds", disable=not self.progress,
+                   dynamic_ncols=True)
         for rnd in bar:
             t0 = time.perf_counter()
             row = {"round": rnd, **self.train_round(rnd)}
@@ -270,6 +374,8 @@ class Simulation:
                 rows.append(self._emit(row, t0))
                 acc = row["global/acc"] if not math.isnan(row["global/acc"]) else row["personal/acc"]
                 bar.set_postfix(acc=f"{acc:.3f}", up=f"{self.cum['up'] / 1e6:.2f}MB")
+            self.completed = rnd
+            on_round_end(rnd)
         return rows
 
     def _emit(self, row: dict, t0: float) -> dict:

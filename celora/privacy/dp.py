@@ -47,8 +47,16 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 class NoPrivacy:
     """Uploads pass through unchanged and nothing is reported (same call as ClientDP)."""
 
+    active = False  # changes nothing, so it fits every aggregator
+    mode = None
+
     def __init__(self, sample_rate: float = 1.0):
         self.sample_rate = sample_rate
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
 
     def __call__(self, uploads: dict[int, State], received: dict[int, State], sizes: dict[int, int],
                  generator: torch.Generator) -> tuple[dict[int, State], dict]:
@@ -73,9 +81,12 @@ class ClientDP:
       sampling: epsilon composes one unsampled mechanism per round (a client taking part in every
       round, the worst case).
 
-    Call it on one round's uploads before aggregation; `rounds` counts the calls. `sample_rate`
-    (clients per round / clients) is supplied by the run, the rest by the `privacy` config.
+    Call it on one round's uploads before aggregation; `rounds` counts the rounds that released
+    something (the accountant's state). `sample_rate` (clients per round / clients) is supplied by
+    the run, the rest by the `privacy` config.
     """
+
+    active = True  # acts on uploads: a run that uploads nothing has nothing for it to protect
 
     def __init__(self, clip_norm: float, noise_multiplier: float, mode: str = "central", delta: float = 1e-5,
                  sample_rate: float = 1.0):
@@ -97,6 +108,12 @@ class ClientDP:
     def epsilon(self) -> float:
         return epsilon(self.noise_multiplier, self.sample_rate, self.rounds, self.delta)
 
+    def state_dict(self) -> dict:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds = int(state["rounds"])
+
     def __call__(self, uploads: dict[int, State], received: dict[int, State], sizes: dict[int, int],
                  generator: torch.Generator) -> tuple[dict[int, State], dict]:
         """One round: client id -> uploaded tensors, -> what it was sent, -> its example count.
@@ -105,6 +122,9 @@ class ClientDP:
         the round's metrics: `privacy/epsilon` (cumulative), the clipped fraction, the mean update norm.
         """
         ids = sorted(uploads)
+        if not ids:  # every client of the round was rejected: nothing is released, nothing is spent
+            return {}, {"privacy/epsilon": self.epsilon, "privacy/clipped_fraction": math.nan,
+                        "privacy/update_norm": math.nan}
         # float64 for the arithmetic: (u - r) + r then returns u exactly when nothing is clipped or added
         deltas = {i: {n: uploads[i][n].double() - received[i][n].double() for n in uploads[i]} for i in ids}
         clipped, norms = {}, []

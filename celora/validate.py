@@ -1,0 +1,130 @@
+"""Checks a composed config before any work: builds its cheap typed parts (each checks itself) and how they combine."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from celora.adapters import AdapterConfig
+from celora.fl.simulation import ClientConfig, FLConfig, check_cohort_size
+from celora.fl.wire import wire_dtype
+
+RESUME_MODES = ("auto", "never", "force")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line, each naming its key and the fix."""
+
+
+@dataclass
+class Parts:
+    """The typed pieces of a run that need neither data nor a model."""
+
+    fl: FLConfig
+    client: ClientConfig
+    adapter: AdapterConfig
+    partition: object  # celora.data.partition.Partition
+    aggregator: object  # FedAvg and its kind: (uploads, sizes, received) -> Aggregate
+    privacy: object  # NoPrivacy | ClientDP
+    simulation: Callable  # the Simulation class with its config bound (Hydra `_partial_`)
+
+
+def fl_config(cfg: DictConfig) -> FLConfig:
+    """The federation's settings, interpolations resolved (experiments set e.g. eval_every: ${fl.rounds})."""
+    return FLConfig(**{**OmegaConf.to_container(cfg.fl, resolve=True), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
+
+
+def client_config(cfg: DictConfig) -> ClientConfig:
+    return ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=cfg.client.local_steps,
+                        batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
+                        grad_clip=cfg.client.grad_clip, max_epochs=cfg.client.max_epochs)
+
+
+def _reason(e: Exception) -> str:
+    """The message of the error a part raised (Hydra wraps it in an InstantiationException)."""
+    while isinstance(e, InstantiationException) and e.__cause__ is not None:
+        e = e.__cause__
+    return str(e).strip()
+
+
+def build(cfg: DictConfig) -> Parts:
+    """The run's typed parts, or a ConfigError listing every problem at once (so a sweep of typos
+    is fixed in one go, not one failed job at a time). Checks that need the data or the model's
+    shapes (more clients than examples, rank larger than a layer, unknown targets) happen where
+    those are first known, still before any training."""
+    problems: list[str] = []
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    problems += [f"{key} has no value (??? in its config file): set it, e.g. `{key}=...` on the command line"
+                 for key in missing]
+
+    def part(group: str, make: Callable):
+        if any(key == group or key.startswith(group + ".") for key in missing):
+            return None
+        try:
+            return make()
+        except Exception as e:  # each part's own check names its key; collect them all
+            reason = _reason(e)
+            problems.append(reason if group in reason else f"{group}: {reason}")
+            return None
+
+    resume = cfg.get("resume", "auto")
+    if resume not in RESUME_MODES:
+        problems.append(f"resume={resume!r} must be one of {RESUME_MODES}: auto continues from the run dir's "
+                        "checkpoint, never starts over, force continues even if the config changed")
+    if not (isinstance(cfg.seed, int) and cfg.seed >= 0):
+        problems.append(f"seed={cfg.seed!r} must be a non-negative integer")
+    fl = part("fl", lambda: fl_config(cfg))
+    lr = cfg.client.get("lr")
+    if isinstance(lr, (int, float)) and not lr > 0:
+        problems.append(f"client.lr={lr} must be > 0")
+    client = part("client", lambda: client_config(cfg))
+    adapter = part("adapter", lambda: instantiate(cfg.adapter))
+    partition = part("partition", lambda: instantiate(cfg.partition))
+    aggregator = part("aggregator", lambda: instantiate(cfg.aggregator))
+    rate = fl.clients_per_round / fl.num_clients if fl else 1.0
+    privacy = part("privacy", lambda: instantiate(cfg.privacy)(sample_rate=rate))
+    simulation = part("simulation", lambda: instantiate(cfg.simulation))
+    part("simulation", lambda: check_cohort_size(cfg.simulation.get("cohort_size")))
+    if cfg.simulation.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"simulation.accelerator={cfg.simulation.accelerator} but this machine has no CUDA device "
+                        "visible to torch; use simulation.accelerator=cpu (or auto)")
+
+    data = cfg.get("dataset", {})
+    fraction = data.get("test_fraction")
+    if isinstance(fraction, (int, float)) and not 0 < fraction < 1:
+        problems.append(f"dataset.test_fraction={fraction} must be in (0, 1): the share held out for the global test")
+    limit = data.get("limit")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1):
+        problems.append(f"dataset.limit={limit!r} must be a positive integer, or null for the whole dataset")
+    elif fl and isinstance(limit, int) and 2 * fl.num_clients > limit:
+        problems.append(f"fl.num_clients={fl.num_clients} needs at least {2 * fl.num_clients} examples (2 per client, "
+                        f"for its local train and test) but dataset.limit={limit}; use fl.num_clients <= "
+                        f"{max(1, limit // 2)} or a larger dataset.limit")
+    if fl and partition is not None and hasattr(partition, "group_of"):
+        part("partition", lambda: partition.group_of(fl.num_clients))
+
+    # How the parts combine: each rule reads what the parts declare, never their names.
+    if privacy is not None and aggregator is not None:
+        agg = type(aggregator).__name__
+        if privacy.active and not aggregator.communicates:
+            problems.append(f"privacy ({type(privacy).__name__}) protects uploads, but the aggregator ({agg}) "
+                            "uploads nothing (local or centralized training), so an epsilon would describe no "
+                            "release; use privacy=none")
+        if privacy.mode == "central" and aggregator.personalised:
+            problems.append(f"privacy.mode=central calibrates the server's noise to the size-weighted average, but "
+                            f"the aggregator ({agg}) sends each client its own mix of the uploads, which that "
+                            "noise does not cover; use privacy.mode=local")
+    if fl and fl.max_update_norm_ratio is not None and fl.clients_per_round < 3 and not (
+            aggregator is not None and aggregator.pooled):
+        problems.append(f"fl.max_update_norm_ratio compares each update with the round's median, which needs at "
+                        f"least 3 clients a round, but this config samples {fl.clients_per_round}; raise "
+                        "fl.sample_fraction or set fl.max_update_norm_ratio=null")
+
+    if problems:
+        raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    return Parts(fl, client, adapter, partition, aggregator, privacy, simulation)

@@ -1,0 +1,92 @@
+"""Checkpoint files: round trip, atomic and checksummed, the last two kept, fallback, safe loading, config diffs."""
+import math
+import pickle
+
+import pytest
+import torch
+
+from celora.fl import checkpoint
+
+
+def _payload(rnd):
+    return {"round": rnd, "state": {"x.lora_C": torch.randn(3, 3)}, "rows": [{"round": 0, "acc": 0.5, "loss": None}],
+            "nan": math.nan, "big": str(2**100), "ids": {0: torch.arange(3)}}
+
+
+def test_round_trip_keeps_tensors_and_plain_values(tmp_path):
+    saved = _payload(4)
+    checkpoint.save(tmp_path, 4, saved)
+    loaded = checkpoint.load_latest(tmp_path)
+    assert torch.equal(loaded["state"]["x.lora_C"], saved["state"]["x.lora_C"])
+    assert torch.equal(loaded["ids"][0], saved["ids"][0])
+    assert loaded["rows"] == saved["rows"] and loaded["big"] == saved["big"] and math.isnan(loaded["nan"])
+    assert [p.name for p in tmp_path.iterdir()] == ["round_00004.pt"]  # no temporary file left behind
+
+
+def test_only_the_newest_two_are_kept(tmp_path):
+    for rnd in range(5):
+        checkpoint.save(tmp_path, rnd, _payload(rnd))
+    assert checkpoint.rounds(tmp_path) == [4, 3]
+    assert checkpoint.load_latest(tmp_path)["round"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, damage):
+    checkpoint.save(tmp_path, 1, _payload(1))
+    checkpoint.save(tmp_path, 2, _payload(2))
+    path = checkpoint.path_of(tmp_path, 2)
+    data = path.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data = data[:-10] + bytes([data[-10] ^ 1]) + data[-9:]
+    else:
+        data = b""
+    path.write_bytes(data)
+    with pytest.warns(UserWarning, match=r"round_00002.pt.*resuming from round_00001.pt"):
+        assert checkpoint.load_latest(tmp_path)["round"] == 1
+
+
+def test_no_usable_checkpoint_says_so_and_how_to_start_over(tmp_path):
+    assert checkpoint.load_latest(tmp_path / "missing") is None
+    checkpoint.save(tmp_path, 3, _payload(3))
+    checkpoint.path_of(tmp_path, 3).write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no usable checkpoint.*round_00003.pt.*resume=never"):
+        checkpoint.load_latest(tmp_path)
+
+
+class Gadget:
+    """An object a pickle could run code through; a checkpoint must never load one."""
+
+    def __reduce__(self):
+        return (print, ("loaded arbitrary code",))
+
+
+def test_loading_refuses_anything_but_tensors_and_plain_types(tmp_path):
+    # A well-formed file (right checksum) whose payload holds an arbitrary object: weights_only refuses it.
+    path = checkpoint.path_of(tmp_path, 0)
+    tmp_path.mkdir(exist_ok=True)
+    path.write_bytes(checkpoint.encode({"round": 0, "x": Gadget()}))
+    with pytest.raises(checkpoint.CheckpointError, match="round_00000.pt"):
+        checkpoint.load_latest(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.decode(path.read_bytes())
+
+
+def test_clear_removes_every_checkpoint(tmp_path):
+    for rnd in range(2):
+        checkpoint.save(tmp_path, rnd, _payload(rnd))
+    checkpoint.clear(tmp_path)
+    assert checkpoint.rounds(tmp_path) == [] and checkpoint.load_latest(tmp_path) is None
+
+
+def test_config_fingerprint_and_differences():
+    old = {"seed": 0, "client": {"lr": 0.002, "optimizer": {"lr": 0.002}}, "adapter": {"targets": None}}
+    new = {"seed": 0, "client": {"lr": 0.01, "optimizer": {"lr": 0.01}}, "adapter": {"targets": ["query"]},
+           "fl": {"max_update_norm_ratio": 10}}
+    assert checkpoint.fingerprint(old) == checkpoint.fingerprint(dict(reversed(list(old.items()))))
+    assert checkpoint.fingerprint(old) != checkpoint.fingerprint(new)
+    assert checkpoint.differences(old, new) == [
+        ("adapter.targets", None, ["query"]), ("client.lr", 0.002, 0.01), ("client.optimizer.lr", 0.002, 0.01),
+        ("fl.max_update_norm_ratio", "<unset>", 10)]
+    assert checkpoint.differences(old, old) == []
