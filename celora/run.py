@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from celora.adapters import inject
-from celora.data.batches import Collate, Encoded
+from celora.data import load
 from celora.data.partition import label_counts
 from celora.fl.simulation import ClientConfig, FLConfig, derive_seed
 from celora.fl.wire import Exchange, wire_dtype
@@ -61,7 +61,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     adapter = instantiate(cfg.adapter)  # validates itself
 
     backbone = instantiate(cfg.model)
-    data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
+    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
     partition = instantiate(cfg.partition)
     splits = partition.split(data.train, fl.num_clients, cfg.seed)
     counts = label_counts(data.train, splits, data.num_classes)
@@ -71,7 +71,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
         {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
-    model = backbone.classifier(data.num_classes, seed=cfg.seed)
+    model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:
         raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
@@ -91,9 +91,9 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
                               batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
                               grad_clip=cfg.client.grad_clip, max_epochs=cfg.client.max_epochs)
         sim = instantiate(cfg.simulation)(
-            model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
-            test=Encoded(data.test), splits=splits, fl=fl, client=client, seed=cfg.seed,
-            collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
+            model=model, exchange=exchange, aggregator=aggregator, train=data.encoded("train"),
+            test=data.encoded("test"), splits=splits, fl=fl, client=client, seed=cfg.seed,
+            collate=backbone.collate(), log=metrics.log,
             log_matrix=metrics.log_matrix, num_classes=data.num_classes,
             privacy=instantiate(cfg.privacy)(sample_rate=fl.clients_per_round / fl.num_clients),
         )

@@ -192,3 +192,23 @@ def test_wandb_gets_config_rows_images_summary_and_sweep_group(tmp_path, monkeyp
     assert fake.summary["last/personal/acc"] == 0.7 and fake.summary["best/personal/acc"] == 0.8
     assert fake.summary["best_round/personal/acc"] == 1 and fake.summary["time/total_s"] == 1.5
     assert "last/global/acc" not in fake.summary and fake.finished == 1  # undefined stays out
+
+
+def test_group_weight_share(tmp_path):
+    from celora.analysis import group_weight_share
+
+    clients = [{"client": i, "train_size": n} for i, n in enumerate([10, 30, 20, 40])]
+    (tmp_path / "partition.json").write_text(json.dumps({"groups": [0, 0, 1, 1], "clients": clients}))
+    rows = [{"round": 1, "clients": [0, 1, 2], "matrix": [[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.4, 0.4, 0.2]]},
+            {"round": 2, "clients": [1, 3], "matrix": [[1.0, 0.0], [0.25, 0.75]]}]
+    (tmp_path / "weights.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    share = group_weight_share(tmp_path)
+
+    assert share["own"].tolist() == pytest.approx([0.8, 0.9, 0.2, 1.0, 0.75])
+    # FedAvg: the own group's share of the round's examples (round 1: 10 + 30 of 60; round 2: 30 of 70, 40 of 70)
+    assert share["fedavg"].tolist() == pytest.approx([40 / 60, 40 / 60, 20 / 60, 30 / 70, 40 / 70])
+    assert share["group"].tolist() == [0, 0, 1, 0, 1]
+    (tmp_path / "partition.json").write_text(json.dumps({"groups": None, "clients": clients}))
+    with pytest.raises(ValueError, match="no latent groups"):
+        group_weight_share(tmp_path)
