@@ -264,3 +264,32 @@ def weights_heatmap(run: str | Path, rnd: int | None = None):
 def partition_histogram(run: str | Path):
     """Figure: the train label counts per client of a run dir (its partition.json)."""
     return plots.partition_histogram(json.loads((Path(run) / "partition.json").read_text()))
+
+
+def group_weight_share(run: str | Path) -> pd.DataFrame:
+    """How much of its aggregation weight each client puts on clients of its own latent group, per round.
+
+    From a run dir of `aggregator=celora` on a partition with groups (`partition.json` has `groups`):
+    one row per round and sampled client with `own` = sum of w_ij over this round's clients j in i's
+    group (i included), and `fedavg` = what FedAvg's size-proportional weights would give it (the
+    own group's share of the round's training examples): `own` above `fedavg` means the weights
+    found the groups.
+    """
+    part = json.loads((Path(run) / "partition.json").read_text())
+    if part.get("groups") is None:
+        raise ValueError(f"{run}'s partition has no latent groups (use partition=grouped or fashion_tasks)")
+    groups = np.asarray(part["groups"])
+    sizes = np.array([c["train_size"] for c in part["clients"]], dtype=float)
+    rows, _ = _read_jsonl(Path(run) / "weights.jsonl")
+    if not rows:
+        raise FileNotFoundError(f"{run} has no weights.jsonl (only aggregator=celora writes one)")
+    out = []
+    for r in rows:
+        ids = np.asarray(r["clients"])
+        w = np.asarray(r["matrix"])
+        p = sizes[ids] / sizes[ids].sum()
+        for k, i in enumerate(ids):
+            mine = groups[ids] == groups[i]
+            out.append({"round": r["round"], "client": int(i), "group": int(groups[i]),
+                        "own": float(w[k, mine].sum()), "fedavg": float(p[mine].sum())})
+    return pd.DataFrame(out)

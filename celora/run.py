@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from celora.adapters import inject
-from celora.data.batches import Collate, Encoded
+from celora.data import load
 from celora.data.partition import label_counts
 from celora.fl import checkpoint
 from celora.fl.simulation import derive_seed
@@ -105,7 +105,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     fl, adapter, aggregator = parts.fl, parts.adapter, parts.aggregator
 
     backbone = instantiate(cfg.model)
-    data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
+    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
     splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
     counts = label_counts(data.train, splits, data.num_classes)
     # latent groups, where the partition has them: the ground truth personalisation should find
@@ -114,7 +114,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
         {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
-    model = backbone.classifier(data.num_classes, seed=cfg.seed)
+    model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:
         raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
@@ -130,9 +130,9 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True))
         sim = parts.simulation(
-            model=model, exchange=exchange, aggregator=aggregator, train=Encoded(data.train),
-            test=Encoded(data.test), splits=splits, fl=fl, client=parts.client, seed=cfg.seed,
-            collate=Collate(backbone.tokenizer.pad_token_id), log=metrics.log,
+            model=model, exchange=exchange, aggregator=aggregator, train=data.encoded("train"),
+            test=data.encoded("test"), splits=splits, fl=fl, client=parts.client, seed=cfg.seed,
+            collate=backbone.collate(), log=metrics.log,
             log_matrix=metrics.log_matrix, num_classes=data.num_classes, privacy=parts.privacy,
         )
         before = 0.0  # seconds spent in earlier processes of this run

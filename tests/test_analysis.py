@@ -204,3 +204,23 @@ def test_grouped_bars_and_image_grid_draw_what_they_are_given():
     assert heights[:3] == [1.0, 0.0, 0.5] and np.isnan(heights[3])  # the missing tri/dp bar is a gap
     grid = image_grid({"original": np.zeros((3, 1, 8, 8)), "full": np.ones((2, 3, 8, 8))})
     assert len(grid.axes) == 2 * 3 and sum(len(ax.images) for ax in grid.axes) == 5
+
+
+def test_group_weight_share(tmp_path):
+    from celora.analysis import group_weight_share
+
+    clients = [{"client": i, "train_size": n} for i, n in enumerate([10, 30, 20, 40])]
+    (tmp_path / "partition.json").write_text(json.dumps({"groups": [0, 0, 1, 1], "clients": clients}))
+    rows = [{"round": 1, "clients": [0, 1, 2], "matrix": [[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.4, 0.4, 0.2]]},
+            {"round": 2, "clients": [1, 3], "matrix": [[1.0, 0.0], [0.25, 0.75]]}]
+    (tmp_path / "weights.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    share = group_weight_share(tmp_path)
+
+    assert share["own"].tolist() == pytest.approx([0.8, 0.9, 0.2, 1.0, 0.75])
+    # FedAvg: the own group's share of the round's examples (round 1: 10 + 30 of 60; round 2: 30 of 70, 40 of 70)
+    assert share["fedavg"].tolist() == pytest.approx([40 / 60, 40 / 60, 20 / 60, 30 / 70, 40 / 70])
+    assert share["group"].tolist() == [0, 0, 1, 0, 1]
+    (tmp_path / "partition.json").write_text(json.dumps({"groups": None, "clients": clients}))
+    with pytest.raises(ValueError, match="no latent groups"):
+        group_weight_share(tmp_path)

@@ -57,31 +57,72 @@ def test_simulations_instantiate(name):
     assert callable(factory)
 
 
+def _saved(model_name: str, folder: Path) -> Path:
+    """A tiny random model of the family saved as a local folder, the way a user points model.path at one."""
+    spec = instantiate(_compose(f"model={model_name}").model)
+    (spec.model if hasattr(spec, "model") else spec.backbone).save_pretrained(folder)
+    if hasattr(spec, "tokenizer"):
+        spec.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("name", options("model"))
-def test_models_instantiate(name):
+def test_models_instantiate(name, tmp_path):
     from celora.models.text import minilm_folder
 
-    extra = [f"model.path={minilm_folder()}"] if name == "hf_encoder" else []
+    folders = {"hf_encoder": lambda: minilm_folder(), "vit": lambda: _saved("tiny_vit", tmp_path / "vit"),
+               "clip": lambda: _saved("tiny_clip", tmp_path / "clip")}
+    extra = [f"model.path={folders[name]()}"] if name in folders else []
+    extra += ["model.image_size=32"] if name == "efficientnet_lite0" else []
     spec = instantiate(_compose(f"model={name}", *extra).model)
-    assert spec.hidden_size > 0 and spec.tokenizer.pad_token_id is not None and spec.default_targets
+    assert spec.default_targets and callable(spec.collate())
+    model = spec.classifier(3, seed=0, label_names=["a", "b", "c"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(n.startswith("head.") for n in trainable)  # the backbone is frozen; only a head (if any) trains
+    args = spec.data_args()
+    if "tokenizer" in args:  # text: a dataset loader gets the tokenizer and the length
+        assert args["tokenizer"].pad_token_id is not None and args["max_length"] > 0
+    else:  # images: the resolution to resize to once
+        assert set(args) == {"image_size"} and args["image_size"] > 0
+
+
+def _text_args():
+    from celora.models.text import from_config
+
+    return from_config("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32).data_args() | {"max_length": 32}
 
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_datasets_instantiate(name, tmp_path):
-    from celora.models.text import from_config
+    from celora.data import load
 
-    tok = from_config("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32).tokenizer
-    extra = [f"dataset.cache_dir={tmp_path / 'cache'}"]
+    extra = [f"dataset.cache_dir={tmp_path / 'cache'}"] if name in ("hf", "rotten_tomatoes", "hf_image") else []
+    image = name in ("mnist", "fashion_mnist", "digits", "hf_image")
     if name == "hf":
         csv = tmp_path / "reviews.csv"
         csv.write_text("text,label\n" + "".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40)))
         extra += ["dataset.path=csv", f"dataset.data_files=[{csv}]", "dataset.split_test=null"]
+    elif name == "hf_image":
+        from PIL import Image
+
+        for label in ("bad", "good"):
+            (tmp_path / "pics" / label).mkdir(parents=True)
+            for i in range(20):
+                Image.new("L", (9, 9), 40 if label == "bad" else 200).save(tmp_path / "pics" / label / f"{i}.png")
+        extra += ["dataset.path=imagefolder", f"dataset.data_dir={tmp_path / 'pics'}", "dataset.split_test=null"]
     else:
         extra += ["dataset.limit=200"]
-    data = instantiate(_compose(f"dataset={name}", *extra).dataset)(tokenizer=tok, max_length=32, seed=0)
-    assert data.num_classes == 2 and len(data.train) > len(data.test) > 0
-    assert {"input_ids", "label"} <= set(data.train.column_names)
+    loader = instantiate(_compose(f"dataset={name}", *extra).dataset)
+    data = load(loader, {"image_size": 16} if image else _text_args(), seed=0)
+    assert data.num_classes == (10 if name in ("mnist", "fashion_mnist", "digits") else 2)
+    assert len(data.train) > len(data.test) > 0 and len(data.label_names) == data.num_classes
+    rows = data.encoded("train")
+    assert len(rows) == len(data.train) and rows[0][1] == data.train["label"][0]
+    if image:
+        assert data.train_pixels.shape[1:][-2:] == (16, 16)
+    else:
+        assert {"input_ids", "label"} <= set(data.train.column_names)
 
 
 @pytest.mark.parametrize("name", options("method"))

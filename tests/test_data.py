@@ -171,7 +171,9 @@ def test_dataset_configs_instantiate(tokenizer, hf_cache):
                  "hf": {"path": "csv", "data_files": {"train": str(csv)}, "text_column": "sentence",
                         "label_column": "sentiment"}}
 
-    for path in sorted(CONF.glob("*.yaml")):
+    texts = [p for p in sorted(CONF.glob("*.yaml")) if OmegaConf.load(p)._target_.startswith("celora.data.text.")]
+    assert sorted(p.stem for p in texts) == sorted(overrides)  # image datasets: tests/test_vision.py, test_config.py
+    for path in texts:
         cfg = OmegaConf.merge(OmegaConf.load(path), overrides[path.stem], {"cache_dir": str(hf_cache / "c")})
         data = instantiate(cfg)(tokenizer=tokenizer, max_length=16, seed=0)
         assert len(data.train) + len(data.test) in (50, 100)

@@ -179,9 +179,14 @@ def test_configs_instantiate_and_split(data, path):
     cfg = OmegaConf.load(path)
     if "column" in cfg:
         cfg.column = "user"
+    # 6: divisible by grouped.yaml's 2 groups; a preset with its own clients and classes gets its own
+    clients = sum(cfg.clients_per_group) if OmegaConf.is_list(cfg.get("clients_per_group")) else 6
+    if cfg.get("class_groups"):
+        data = balanced(60, 1 + max(c for cs in cfg.class_groups for c in cs))
 
-    splits = instantiate(cfg).split(data, 6, seed=0)  # 6: divisible by grouped.yaml's 2 groups
+    splits = instantiate(cfg).split(data, clients, seed=0)
 
+    assert len(splits) == clients
     assert np.array_equal(np.sort(np.concatenate(_rows(splits))), np.arange(len(data)))
 
 
@@ -302,3 +307,30 @@ def test_grouped_class_owned_by_no_group(data):
 def test_grouped_skew_out_of_range(skew):
     with pytest.raises(ValueError, match=r"skew=.* must be in \[0, 1\]"):
         Grouped(skew=skew)
+
+
+def test_grouped_unequal_groups_get_data_in_proportion_to_their_clients():
+    # Fashion-MNIST's three tasks on 10 clients: 4 / 3 / 3 (conf/partition/fashion_tasks.yaml)
+    data = balanced(2000, 10)
+    labels = np.asarray(data["label"][:])
+    class_groups = [[0, 2, 4, 6], [5, 7, 9], [1, 3, 8]]
+    partition = Grouped(groups=3, clients_per_group=[4, 3, 3], skew=0.9, class_groups=class_groups)
+
+    splits = partition.split(data, 10, seed=0)
+    groups = partition.group_of(10)
+
+    assert groups == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert np.array_equal(np.sort(np.concatenate(_rows(splits))), np.arange(len(data)))
+    sizes = [len(rows) for rows in _rows(splits)]
+    assert max(sizes) - min(sizes) <= 0.15 * np.mean(sizes)  # a client's share does not depend on its group's size
+    for rows, g in zip(_rows(splits), groups):
+        assert _shares(labels, rows, 10)[class_groups[g]].sum() > 0.8
+
+
+def test_grouped_clients_per_group_list_is_checked():
+    with pytest.raises(ValueError, match=r"clients_per_group=\[4, 3\] has 2 entries but groups=3"):
+        Grouped(groups=3, clients_per_group=[4, 3])
+    with pytest.raises(ValueError, match=r"must be >= 1"):
+        Grouped(groups=2, clients_per_group=[2, 0])
+    with pytest.raises(ValueError, match=r"adds up to 10 but num_clients=9"):
+        Grouped(groups=3, clients_per_group=[4, 3, 3]).group_of(9)

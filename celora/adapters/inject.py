@@ -60,6 +60,15 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
     return [m for m in model.modules() if isinstance(m, AdapterLayer)]
 
 
+def cohort_size(model: nn.Module) -> int | None:
+    """K while a parallel cohort's stacked factors are in the model (see fl.client.stacked), else None."""
+    for layer in adapter_layers(model):
+        k = layer.cohort_size()
+        if k is not None:
+            return k
+    return None
+
+
 def merge(model: nn.Module) -> None:
     for layer in adapter_layers(model):
         layer.merge()

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation: seeded local sampling, dynamic padding, length-sorted eval."""
+"""Batches for training and evaluation: encoded rows (token ids or pixels), collators, seeded local sampling, eval order."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,6 +39,50 @@ class Collate:
             ids[k, : len(row)] = torch.tensor(row)
             mask[k, : len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in rows])}
+
+
+class Pixels(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) and labels as tensors; a row is a view of the stored image, never a copy."""
+
+    def __init__(self, pixels: torch.Tensor, labels: Sequence[int]):
+        if len(pixels) != len(labels):
+            raise ValueError(f"{len(pixels)} images but {len(labels)} labels")
+        self.pixels = pixels
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.pixels[i], self.labels[i]
+
+    def lengths(self, indices: Sequence[int]) -> np.ndarray:
+        """Every image has the same size: evaluation keeps the given order."""
+        return np.zeros(len(indices), dtype=np.int64)
+
+
+class ImageCollate:
+    """Stacks uint8 images into normalised float `pixel_values`, repeating a grey channel to `channels`.
+
+    `pad_id` exists for the cohort concatenation's sake (it fills `input_ids`); images have none.
+    """
+
+    pad_id = 0
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int = 3):
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean {list(mean)} and std {list(std)} need one value per channel ({channels})")
+        self.channels = channels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, rows):
+        x = torch.stack([p for p, _ in rows]).float().div_(255)
+        if x.shape[1] != self.channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"images have {x.shape[1]} channels, the model takes {self.channels}")
+            x = x.expand(-1, self.channels, -1, -1)
+        return {"pixel_values": (x - self.mean) / self.std, "labels": torch.tensor([y for _, y in rows])}
 
 
 def train_loader(data: Encoded, indices: Sequence[int], batch_size: int, steps: int,

@@ -186,15 +186,17 @@ class Grouped(Partition):
 
     Group g owns some classes (`class_groups`; default: class c belongs to group c % groups). Its label
     distribution puts mass `skew` uniformly over its own classes and `1 - skew` uniformly over the rest.
-    Each class's examples (seeded shuffle) go to the groups in proportion to their demand for it, so no
-    example is dropped; each group's examples are then dealt IID (seeded) to its clients. Clients are
+    Each class's examples (seeded shuffle) go to the groups in proportion to their demand for it (its
+    share in the group's distribution times the group's number of clients), so no example is dropped;
+    each group's examples are then dealt IID (seeded) to its clients. `clients_per_group` is one number
+    for every group, or a list with one per group (e.g. [4, 3, 3]: 10 clients in 3 tasks). Clients are
     numbered group-major; `group_of` gives each client's group. A group's realised shares equal its
     distribution exactly when the classes are balanced and every group owns equally many classes
     (e.g. 2 classes, 2 groups); otherwise they follow it approximately.
     """
 
     groups: int = 2
-    clients_per_group: int | None = None
+    clients_per_group: int | list[int] | None = None
     skew: float = 0.9
     class_groups: list[list[int]] | None = None
 
@@ -202,7 +204,13 @@ class Grouped(Partition):
         super().__post_init__()
         if self.groups < 1:
             raise ValueError(f"groups={self.groups} must be >= 1.")
-        if self.clients_per_group is not None and self.clients_per_group < 1:
+        if self.clients_per_group is not None and not isinstance(self.clients_per_group, int):
+            self.clients_per_group = [int(m) for m in self.clients_per_group]  # Hydra passes ListConfig
+            if len(self.clients_per_group) != self.groups:
+                raise ValueError(f"clients_per_group={self.clients_per_group} has {len(self.clients_per_group)} "
+                                 f"entries but groups={self.groups}; give one number per group, or one for all.")
+        sizes = self.clients_per_group if isinstance(self.clients_per_group, list) else [self.clients_per_group]
+        if self.clients_per_group is not None and min(sizes) < 1:
             raise ValueError(f"clients_per_group={self.clients_per_group} must be >= 1, or null to use "
                              "num_clients / groups.")
         if not 0 <= self.skew <= 1:
@@ -229,24 +237,28 @@ class Grouped(Partition):
     def _hint(self) -> str:
         return ", fewer groups, or a lower skew"
 
-    def _group_sizes(self, num_clients: int) -> int:
-        """Clients per group (every group has the same number)."""
+    def _group_sizes(self, num_clients: int) -> list[int]:
+        """Clients in each group."""
         if self.clients_per_group is None:
             if num_clients % self.groups:
                 raise ValueError(f"num_clients={num_clients} is not divisible by groups={self.groups}; use a "
                                  f"multiple of {self.groups} clients, change groups, or set clients_per_group "
-                                 f"so that groups * clients_per_group = num_clients.")
-            return num_clients // self.groups
+                                 f"so that groups * clients_per_group = num_clients (or a list, one per group).")
+            return [num_clients // self.groups] * self.groups
+        if isinstance(self.clients_per_group, list):
+            if sum(self.clients_per_group) != num_clients:
+                raise ValueError(f"clients_per_group={self.clients_per_group} adds up to "
+                                 f"{sum(self.clients_per_group)} but num_clients={num_clients}; make them agree.")
+            return list(self.clients_per_group)
         if self.groups * self.clients_per_group != num_clients:
             raise ValueError(f"groups={self.groups} * clients_per_group={self.clients_per_group} = "
                              f"{self.groups * self.clients_per_group} but num_clients={num_clients}; set "
                              f"clients_per_group to num_clients / groups, set it to null, or change groups.")
-        return self.clients_per_group
+        return [self.clients_per_group] * self.groups
 
     def group_of(self, num_clients: int) -> list[int]:
         """Client id -> group id (group-major: clients 0..m-1 are group 0, m..2m-1 group 1, ...)."""
-        per_group = self._group_sizes(num_clients)
-        return [cid // per_group for cid in range(num_clients)]
+        return [g for g, m in enumerate(self._group_sizes(num_clients)) for _ in range(m)]
 
     def _owners(self, num_classes: int) -> list[list[int]]:
         if self.class_groups is None:
@@ -273,7 +285,7 @@ class Grouped(Partition):
         return q
 
     def _assign(self, ds, num_clients, seed, label_column):
-        per_group = self._group_sizes(num_clients)
+        sizes = np.array(self._group_sizes(num_clients), dtype=float)
         labels = _column(ds, label_column)
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise ValueError(f"Grouped needs integer class ids >= 0 in column {label_column!r}.")
@@ -290,13 +302,14 @@ class Grouped(Partition):
         rows = [[] for _ in range(self.groups)]
         for c in range(num_classes):
             members = rng.permutation(np.flatnonzero(labels == c))
-            counts = _apportion(len(members), q[:, c])  # groups have equal size, so demand is q[:, c]
+            # demand = share x clients; relative to group 0, so equal groups weigh exactly q[:, c]
+            counts = _apportion(len(members), q[:, c] * (sizes / sizes[0]))
             for g, part in enumerate(np.split(members, np.cumsum(counts)[:-1])):
                 rows[g].append(part)
         parts = []
         for g in range(self.groups):
             mine = rng.permutation(np.concatenate(rows[g]))
-            parts.extend(np.array_split(mine, per_group))
+            parts.extend(np.array_split(mine, int(sizes[g])))
         return parts
 
 

