@@ -111,6 +111,6 @@ def image_grid(rows: dict[str, "np.ndarray"], title: str = ""):
                 ax.axis("off")
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize="small")
     fig.tight_layout()
     return fig

@@ -15,11 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from celora.adapters import AdapterConfig, inject
-from celora.data.batches import Collate
+from celora.data import load
 from celora.fl.wire import Exchange
 from celora.plots import grouped_bars
 from celora.privacy.attack import local_update
-from celora.privacy.scores import position_accuracy, token_f1
 
 log = logging.getLogger("celora.attack")
 
@@ -39,48 +38,46 @@ def victim(base: nn.Module, adapter: AdapterConfig | None, targets: list[str], s
     return model, list(exchange.trainable), list(exchange.shared)
 
 
-def pick_batches(lengths: np.ndarray, batch_sizes, num_batches: int, max_tokens: int, seed: int) -> dict:
-    """Seeded disjoint batches of example indices per batch size, among examples of at most max_tokens tokens."""
-    pool = np.random.default_rng(seed).permutation(np.flatnonzero(lengths <= max_tokens))
+def pick_batches(pool: np.ndarray, batch_sizes, num_batches: int, seed: int) -> dict:
+    """Seeded disjoint batches of example indices per batch size, drawn from `pool`."""
+    pool = np.random.default_rng(seed).permutation(pool)
     out, start = {}, 0
     for bs in batch_sizes:
         out[bs] = [pool[start + k * bs: start + (k + 1) * bs].tolist() for k in range(num_batches)]
         start += bs * num_batches
+    if start > len(pool):
+        raise ValueError(f"{len(pool)} eligible test examples cannot fill {num_batches} batch(es) of each size "
+                         f"{list(batch_sizes)}; lower num_batches or batch_sizes")
     return out
 
 
-def table(rows: list[dict], batch_sizes) -> str:
-    """Markdown: mean token F1 / position accuracy per victim and defence, one column pair per batch size."""
+def table(rows: list[dict], batch_sizes, metrics) -> str:
+    """Markdown: mean scores per victim and defence, one column per metric and batch size."""
     head = "| upload | defence | values sent | epsilon (one upload) | " + " | ".join(
-        f"F1 (B={b}) | pos. acc (B={b})" for b in batch_sizes) + " |"
-    lines = [head, "|" + "---|" * (4 + 2 * len(batch_sizes))]
+        f"{m} (B={b})" for b in batch_sizes for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (4 + len(metrics) * len(batch_sizes))]
     for key in dict.fromkeys((r["victim"], r["defence"]) for r in rows):
         mine = [r for r in rows if (r["victim"], r["defence"]) == key]
         eps = mine[0]["epsilon"]
-        cells = []
-        for b in batch_sizes:
-            sel = [r for r in mine if r["batch_size"] == b]
-            cells += [f"{np.mean([r['f1'] for r in sel]):.2f}", f"{np.mean([r['position_acc'] for r in sel]):.2f}"]
+        cells = [f"{np.mean([r[m] for r in mine if r['batch_size'] == b]):.2f}" for b in batch_sizes for m in metrics]
         eps_s = "-" if eps is None else f"{eps:.3g}"
         lines.append(f"| {key[0]} | {key[1]} | {mine[0]['values']:,} | {eps_s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare(cfg: DictConfig, out: Path) -> list[dict]:
-    """Attacks every victim x defence on the same batches; writes results.jsonl, texts.md and table.md."""
+    """Attacks every victim x defence on the same batches; writes results.jsonl, table.md, scores.png and what
+    a person looks at (texts.md, or reconstructions_b<B>.png for images)."""
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     backbone = instantiate(cfg.model)
-    tok = backbone.tokenizer
-    data = instantiate(cfg.dataset)(tokenizer=tok, max_length=backbone.max_length, seed=cfg.seed)
-    attack = instantiate(cfg.attack)
-    base = backbone.classifier(data.num_classes, seed=cfg.seed)
-    collate, special = Collate(tok.pad_token_id), torch.tensor(tok.all_special_ids)
-    ids_all, labels_all = list(data.test["input_ids"]), list(data.test["label"])
-    batches = pick_batches(np.array([len(x) for x in ids_all]), cfg.batch_sizes, cfg.num_batches,
-                           cfg.max_tokens, seed_of(cfg.seed, 7))
+    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
+    case = instantiate(cfg.attack)  # the attack and what belongs to its modality (celora.privacy.cases)
+    base = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
+    collate, test = backbone.collate(), data.encoded("test")
+    batches = pick_batches(case.eligible(test), cfg.batch_sizes, cfg.num_batches, seed_of(cfg.seed, 7))
     steps, lr = cfg.client.local_steps, cfg.client.lr
-    rows, texts = [], ["# Reconstructions\n"]
+    rows, outcomes = [], []
     for vname, vspec in cfg.victims.items():
         model, trained, uploaded = victim(base, instantiate(vspec) if vspec is not None else None,
                                           backbone.default_targets, seed_of(cfg.seed, 2))
@@ -89,8 +86,8 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
             for bs, chosen in batches.items():
                 for k, idx in enumerate(chosen):
                     t0 = time.perf_counter()
-                    batch = collate([(ids_all[i], labels_all[i]) for i in idx])
-                    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                    batch = collate([test[i] for i in idx])
+                    inputs = {n: v for n, v in batch.items() if n != "labels"}
                     delta = local_update(model, trained, inputs, batch["labels"], steps, lr)
                     upload = {n: start[n] + delta[n] for n in uploaded}
                     # one client, one round; local noise, so sampling amplifies nothing
@@ -98,43 +95,34 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
                     gen = torch.Generator().manual_seed(seed_of(cfg.seed, 8, bs, k))
                     sent, metrics = privacy({0: upload}, {0: start}, {0: bs}, gen)
                     observed = {n: sent[0][n] - start[n] for n in uploaded}
-                    free = ~torch.isin(batch["input_ids"], special)
-                    template = torch.where(free, tok.pad_token_id, batch["input_ids"])
-                    rec = attack(model, observed, trained, template, batch["attention_mask"], free,
-                                 batch["labels"], data.num_classes, steps, lr, gen)
-                    truth, guess = batch["input_ids"].tolist(), rec.ids.tolist()
-                    f1 = token_f1(guess, truth, tok.all_special_ids)
-                    row = {"victim": vname, "defence": dname, "batch_size": bs, "batch": k, "examples": idx,
-                           "values": sum(t.numel() for t in observed.values()),
-                           "f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"],
-                           "position_acc": position_accuracy(guess, truth, tok.all_special_ids),
-                           "label_acc": float(sorted(rec.labels.tolist()) == sorted(batch["labels"].tolist())),
-                           "match_loss": rec.loss, "candidates": rec.candidates,
-                           "epsilon": metrics.get("privacy/epsilon"),
-                           "update_norm": metrics.get("privacy/update_norm"),
-                           "seconds": time.perf_counter() - t0}
+                    outcome = case.on_batch(model, observed, trained, batch, data.num_classes, steps, lr, gen,
+                                            backbone)
+                    key = {"victim": vname, "defence": dname, "batch_size": bs, "batch": k}
+                    row = {**key, "examples": idx, "values": sum(t.numel() for t in observed.values()),
+                           **outcome.scores,
+                           "label_acc": float(sorted(outcome.labels.tolist()) == sorted(batch["labels"].tolist())),
+                           "match_loss": outcome.loss, "epsilon": metrics.get("privacy/epsilon"),
+                           "update_norm": metrics.get("privacy/update_norm"), "seconds": time.perf_counter() - t0}
                     rows.append(row)
+                    outcomes.append((key, outcome))
                     with open(out / "results.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
-                    log.info("%s %s B=%d #%d: F1 %.2f pos %.2f (%.0f s)", vname, dname, bs, k, row["f1"],
-                             row["position_acc"], row["seconds"])
-                    texts.append(f"\n## {vname}, {dname}, batch size {bs}, batch {k} (F1 {row['f1']:.2f})\n")
-                    for t, g in zip(tok.batch_decode(truth, skip_special_tokens=True),
-                                    tok.batch_decode(guess, skip_special_tokens=True)):
-                        texts.append(f"- original:      {t}\n- reconstructed: {g}\n")
-    (out / "texts.md").write_text("".join(texts))
-    (out / "table.md").write_text(table(rows, list(cfg.batch_sizes)))
-    figure(rows, "f1", "token-recovery F1").savefig(out / "scores.png", dpi=120)
+                    log.info("%s %s B=%d #%d: %s (%.0f s)", vname, dname, bs, k,
+                             ", ".join(f"{m} {row[m]:.2f}" for m in case.metrics), row["seconds"])
+    case.write(outcomes, out)
+    (out / "table.md").write_text(table(rows, list(cfg.batch_sizes), case.metrics))
+    figure(rows, case.metrics[0]).savefig(out / "scores.png", dpi=120)
     return rows
 
 
-def figure(rows: list[dict], metric: str, label: str):
+def figure(rows: list[dict], metric: str):
     """Mean `metric` per upload (cluster) and defence x batch size (bar)."""
-    values: dict[str, dict[str, float]] = {}
+    values: dict[str, dict[str, list]] = {}
     for r in rows:
         values.setdefault(r["victim"], {}).setdefault(f"{r['defence']}, B={r['batch_size']}", []).append(r[metric])
     means = {v: {k: float(np.mean(x)) for k, x in d.items()} for v, d in values.items()}
-    return grouped_bars(means, label, "what one upload gives away", ylim=(0, 1.05))
+    label = {"f1": "token-recovery F1", "psnr": "PSNR (dB)"}.get(metric, metric)
+    return grouped_bars(means, label, "what one upload gives away", ylim=(0, 1.05) if metric == "f1" else None)
 
 
 @hydra.main(config_path="../conf", config_name="privacy_attack", version_base="1.3")

@@ -242,26 +242,49 @@ def test_default_run_has_no_privacy(compose_cfg):
     assert compose_cfg().privacy._target_ == "celora.privacy.dp.NoPrivacy"
 
 
-def test_comparison_script_runs_end_to_end(tmp_path, one_thread):
+def _attack_script():
     spec = importlib.util.spec_from_file_location("attack_script", ROOT / "scripts" / "attack.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("privacy_attack", overrides=[
-            "model=tiny_bert", "dataset.limit=300", f"dataset.cache_dir={tmp_path / 'cache'}",
-            "attack.iterations=2", "batch_sizes=[1,2]", "~victims.lora", "~victims.ffa_lora",
-            "~defences.dp_strong"])
-    rows = script.compare(cfg, tmp_path / "out")
+    return script
 
+
+def _comparison(tmp_path, *overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("privacy_attack", overrides=["attack.iterations=2", "batch_sizes=[1,2]", "~victims.ffa_lora",
+                                                   "~defences.dp_strong", *overrides])
+    return _attack_script().compare(cfg, tmp_path / "out")
+
+
+def _check_rows(rows, tmp_path, metrics):
     assert {(r["victim"], r["defence"], r["batch_size"]) for r in rows} == {
-        (v, d, b) for v in ("tri", "full") for d in ("none", "dp_weak") for b in (1, 2)}
-    assert all(0 <= r["f1"] <= 1 and 0 <= r["position_acc"] <= 1 for r in rows)
+        (v, d, b) for v in ("lora", "tri", "full") for d in ("none", "dp_weak") for b in (1, 2)}
     assert all(r["epsilon"] is None for r in rows if r["defence"] == "none")
+    assert all(all(m in r for m in metrics) for r in rows)
+    values = {r["victim"]: r["values"] for r in rows}
+    assert values["tri"] < values["lora"] < values["full"]  # C (+ head) < A, B (+ head) < everything
     saved = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(saved) == len(rows)
-    assert "reconstructed:" in (tmp_path / "out" / "texts.md").read_text()
-    assert (tmp_path / "out" / "table.md").read_text().count("\n") == 2 + 4
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("\n") == 2 + 6 and all(f"{m} (B=2)" in table for m in metrics)
     assert (tmp_path / "out" / "scores.png").stat().st_size > 0
+
+
+def test_comparison_script_runs_end_to_end(tmp_path, one_thread):
+    rows = _comparison(tmp_path, "model=tiny_bert", "dataset.limit=300", f"dataset.cache_dir={tmp_path / 'cache'}")
+
+    _check_rows(rows, tmp_path, ("f1", "position_acc"))
+    assert all(0 <= r["f1"] <= 1 and 0 <= r["position_acc"] <= 1 for r in rows)
+    assert "reconstructed:" in (tmp_path / "out" / "texts.md").read_text()
+
+
+def test_image_comparison_runs_end_to_end(tmp_path, one_thread):
+    rows = _comparison(tmp_path, "attack_case=image", "model=tiny_vit", "dataset=digits", "dataset.limit=300")
+
+    _check_rows(rows, tmp_path, ("psnr", "ssim"))
+    assert all(r["psnr"] > 0 and -1 <= r["ssim"] <= 1 for r in rows)
+    for size in (1, 2):  # originals + 3 uploads x 2 defences, one column per image of the batch
+        assert (tmp_path / "out" / f"reconstructions_b{size}.png").stat().st_size > 0
 
 
 # -- DP inside a federated run ----------------------------------------------------------------

@@ -123,8 +123,18 @@ def _match(update: Callable[[Tensor, Tensor, bool], State], observed: State, x: 
     return x.detach(), label_logits.detach()
 
 
-def _bias_name(model: nn.Module) -> str:
-    return next(n for n, p in model.named_parameters() if p is model.head.bias)
+def _bias_name(model: nn.Module) -> str | None:
+    """The task head's bias, whose update gives the labels away; None for models without one (CLIP)."""
+    head = getattr(model, "head", None)
+    bias = getattr(head, "bias", None)
+    return next((n for n, p in model.named_parameters() if p is bias), None) if bias is not None else None
+
+
+def _eager(model: nn.Module) -> None:
+    """Plain attention everywhere: fused attention kernels have no double backward, which matching an update needs."""
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and getattr(module, "config", None) is not None:
+            module.set_attn_implementation("eager")
 
 
 @dataclass
@@ -164,8 +174,7 @@ class TextAttack:
                  client_lr: float, generator: torch.Generator) -> Reconstruction:
         """`template`: (B, L) ids whose non-`free` positions (special tokens) the attacker knows; `labels`
         are only used when `infer_labels` is off. `names`: the tensors the client trains."""
-        # fused attention kernels have no double backward, which matching an update needs
-        model.backbone.set_attn_implementation("eager")
+        _eager(model)
         table = model.backbone.get_input_embeddings().weight
         emb_name = next(n for n, p in model.named_parameters() if p is table)
         table = table.detach()
@@ -238,6 +247,7 @@ class ImageAttack:
                  labels: Tensor, num_classes: int, steps: int, client_lr: float, generator: torch.Generator,
                  normalize: Callable[[Tensor], Tensor] = lambda images: images) -> ImageReconstruction:
         """`shape`: the batch's (B, C, H, W), known to the attacker; `labels` only used when `infer_labels` is off."""
+        _eager(model)
         def inputs(z: Tensor) -> dict[str, Tensor]:
             return {self.input_name: normalize(torch.sigmoid(z))}
 
