@@ -21,14 +21,15 @@ def _clean(value):
 
 
 def summarize(rows: list[dict]) -> dict:
-    """`last` row, and for each accuracy (max) and loss (min) key its best value and round."""
+    """`last` row, and for each scalar accuracy (max) and loss (min) key its best value and round
+    (a per-client list such as `personal/acc_by_client` has no best: it stays in `last`)."""
     best, best_round = {}, {}
     for key in rows[-1] if rows else ():
         higher = key.endswith("acc") or "/acc_" in key
         lower = key.endswith("loss")
         if not (higher or lower):
             continue
-        vals = [(r[key], r["round"]) for r in rows if r.get(key) is not None]
+        vals = [(r[key], r["round"]) for r in rows if isinstance(r.get(key), (int, float))]
         if vals:
             v, rnd = (max if higher else min)(vals, key=lambda t: t[0])
             best[key], best_round[key] = v, rnd

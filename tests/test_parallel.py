@@ -161,3 +161,24 @@ def test_stacked_cohort_matches_each_model_and_restores_it(compose_cfg):
 def test_cohort_size_is_checked(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="cohort_size"):
         run(compose_cfg(*TINY, "simulation=parallel", "simulation.cohort_size=0"), run_dir=tmp_path)
+
+
+def test_benchmark_prints_its_table():
+    """scripts/bench_simulation.py end to end on a tiny setting: one row per setting, ratios to its own rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", "--models", "tiny_bert", "--clients", "4",
+                          "--cohorts", "2", "all", "--steps", "1"], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| tiny_bert")]
+    assert [r[1].strip() for r in rows] == ["sequential", "parallel K=2", "parallel K=all", "centralized"]
+    speed = {r[1].strip(): float(r[2]) for r in rows}
+    for r in rows:
+        setting, ratio_seq, ratio_cen = r[1].strip(), float(r[4]), float(r[5])
+        assert float(r[3]) > 0  # peak memory
+        assert ratio_seq == pytest.approx(speed[setting] / speed["sequential"], abs=0.02)
+        assert ratio_cen == pytest.approx(speed[setting] / speed["centralized"], abs=0.02)

@@ -31,6 +31,7 @@ def test_tiny_run_writes_every_metric_and_files(compose_cfg, tmp_path):
         assert 0 <= row["global/acc"] <= 1 and 0 <= row["personal/acc_worst10"] <= row["personal/acc_unweighted"]
     assert rows[0]["train/loss"] is None and rows[1]["train/loss"] > 0
     assert summary["last"]["round"] == 2 and "global/acc" in summary["best"]
+    assert "personal/acc_by_client" not in summary["best"] and len(summary["last"]["personal/acc_by_client"]) == 3
     assert json.loads((tmp_path / "summary.json").read_text())["last"] == rows[-1]
     part = json.loads((tmp_path / "partition.json").read_text())
     assert len(part["clients"]) == 3
@@ -77,6 +78,21 @@ def test_same_seed_same_metrics(compose_cfg, tmp_path, mode):
     c = run(compose_cfg(*TINY, "method=tri", "seed=1", *mode), run_dir=tmp_path / "c")
     assert c["last"]["train/loss"] != a["last"]["train/loss"]
 
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluating_more_often_changes_no_number(compose_cfg, tmp_path):
+    """Evaluation draws no randomness training uses: a run evaluated every round ends where one
+    evaluated only at the end does (dropout on, personalised weights), so sweeps may pick eval_every freely."""
+    common = (*TINY, "method=celora", "adapter.dropout=0.1", "fl.rounds=3", "fl.sample_fraction=0.67")
+    run(compose_cfg(*common, "fl.eval_every=1"), run_dir=tmp_path / "every")
+    run(compose_cfg(*common, "fl.eval_every=3"), run_dir=tmp_path / "last")
+    every, last = _rows(tmp_path / "every"), _rows(tmp_path / "last")
+    assert [r["round"] for r in every] == [0, 1, 2, 3] and [r["round"] for r in last] == [0, 3]
+    for a, b in ((every[0], last[0]), (every[-1], last[-1])):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+               {k: v for k, v in b.items() if not k.startswith("time/")}
+    assert every[-1]["train/loss"] != every[1]["train/loss"]  # rounds did train
 
 def test_unknown_target_lists_the_model_modules(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"match no module.*query"):

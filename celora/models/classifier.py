@@ -41,3 +41,11 @@ class Classifier(nn.Module):
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.head(self.features(**inputs))
+
+    @classmethod
+    def frozen(cls, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str, seed: int) -> Classifier:
+        """The backbone frozen under a fresh head seeded by `seed`: identical on every client given the seed."""
+        torch.manual_seed(seed)
+        model = cls(backbone, hidden_size, num_classes, pooling)
+        model.backbone.requires_grad_(False)
+        return model

@@ -67,11 +67,7 @@ class TextModel:
 
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
         """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""
-        torch.manual_seed(seed)  # the head's init; identical on every client given the seed
-        model = Classifier(self.backbone, self.hidden_size, num_classes, self.pooling)
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        return model
+        return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
 
 
 def _prepare_tokenizer(tok):

@@ -59,11 +59,7 @@ class ImageModel:
         return ImageCollate(self.mean, self.std, self.channels)
 
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
-        torch.manual_seed(seed)  # the head's init; identical on every client given the seed
-        model = Classifier(self.backbone, self.hidden_size, num_classes, self.pooling)
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        return model
+        return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
