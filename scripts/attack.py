@@ -51,6 +51,12 @@ def pick_batches(pool: np.ndarray, batch_sizes, num_batches: int, seed: int) -> 
     return out
 
 
+def selected(specs, only: list[str]) -> dict:
+    """The entries of `specs` that `only` names; all of them when it names none of them."""
+    picked = {name: spec for name, spec in specs.items() if name in only}
+    return picked or dict(specs)
+
+
 def table(rows: list[dict], batch_sizes, metrics) -> str:
     """Markdown: mean scores per victim and defence, one column per metric and batch size."""
     head = "| upload | defence | values sent | epsilon (one upload) | " + " | ".join(
@@ -78,11 +84,17 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
     batches = pick_batches(case.eligible(test), cfg.batch_sizes, cfg.num_batches, seed_of(cfg.seed, 7))
     steps, lr = cfg.client.local_steps, cfg.client.lr
     rows, outcomes = [], []
-    for vname, vspec in cfg.victims.items():
+    only = list(cfg.get("only") or ())
+    unknown = set(only) - set(cfg.victims) - set(cfg.defences)
+    if unknown:
+        raise ValueError(f"only={sorted(unknown)} names no victim ({list(cfg.victims)}) or defence "
+                         f"({list(cfg.defences)})")
+    victims, defences = selected(cfg.victims, only), selected(cfg.defences, only)
+    for vname, vspec in victims.items():
         model, trained, uploaded = victim(base, instantiate(vspec) if vspec is not None else None,
                                           backbone.default_targets, seed_of(cfg.seed, 2))
         start = {n: p.detach().clone() for n, p in model.named_parameters() if n in uploaded}
-        for dname, dspec in cfg.defences.items():
+        for dname, dspec in defences.items():
             for bs, chosen in batches.items():
                 for k, idx in enumerate(chosen):
                     t0 = time.perf_counter()

@@ -278,6 +278,17 @@ def test_comparison_script_runs_end_to_end(tmp_path, one_thread):
     assert "reconstructed:" in (tmp_path / "out" / "texts.md").read_text()
 
 
+def test_only_attacks_the_named_victims_and_defences(tmp_path, one_thread):
+    rows = _comparison(tmp_path, "model=tiny_bert", "dataset.limit=300", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "only=[tri,none]")
+    assert {(r["victim"], r["defence"]) for r in rows} == {("tri", "none")} and len(rows) == 2
+    rows = _comparison(tmp_path / "v", "model=tiny_bert", "dataset.limit=300",
+                       f"dataset.cache_dir={tmp_path / 'cache'}", "only=[full]")  # every defence of one victim
+    assert {(r["victim"], r["defence"]) for r in rows} == {("full", "none"), ("full", "dp_weak")}
+    with pytest.raises(ValueError, match=r"only=\['nope'\] names no victim"):
+        _comparison(tmp_path / "x", "model=tiny_bert", "dataset.limit=300", "only=[tri,nope]")
+
+
 def test_image_comparison_runs_end_to_end(tmp_path, one_thread):
     rows = _comparison(tmp_path, "attack_case=image", "model=tiny_vit", "dataset=digits", "dataset.limit=300")
 
