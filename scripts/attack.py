@@ -68,6 +68,10 @@ def table(rows: list[dict], batch_sizes, metrics) -> str:
         cells = [f"{np.mean([r[m] for r in mine if r['batch_size'] == b]):.2f}" for b in batch_sizes for m in metrics]
         eps_s = "-" if eps is None else f"{eps:.3g}"
         lines.append(f"| {key[0]} | {key[1]} | {mine[0]['values']:,} | {eps_s} | " + " | ".join(cells) + " |")
+    if rows and all(f"{m}_flat" in rows[0] for m in metrics):  # what a guess without any upload scores
+        cells = [f"{np.mean([r[m + '_flat'] for r in rows if r['batch_size'] == b]):.2f}"
+                 for b in batch_sizes for m in metrics]
+        lines.append("| (flat image at the batch's mean: no upload) | - | 0 | - | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -256,7 +256,7 @@ def _comparison(tmp_path, *overrides):
     return _attack_script().compare(cfg, tmp_path / "out")
 
 
-def _check_rows(rows, tmp_path, metrics):
+def _check_rows(rows, tmp_path, metrics, baseline=False):
     assert {(r["victim"], r["defence"], r["batch_size"]) for r in rows} == {
         (v, d, b) for v in ("lora", "tri", "full") for d in ("none", "dp_weak") for b in (1, 2)}
     assert all(r["epsilon"] is None for r in rows if r["defence"] == "none")
@@ -266,7 +266,8 @@ def _check_rows(rows, tmp_path, metrics):
     saved = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(saved) == len(rows)
     table = (tmp_path / "out" / "table.md").read_text()
-    assert table.count("\n") == 2 + 6 and all(f"{m} (B=2)" in table for m in metrics)
+    assert table.count("\n") == 2 + 6 + baseline and all(f"{m} (B=2)" in table for m in metrics)
+    assert ("no upload" in table) == baseline
     assert (tmp_path / "out" / "scores.png").stat().st_size > 0
 
 
@@ -292,7 +293,9 @@ def test_only_attacks_the_named_victims_and_defences(tmp_path, one_thread):
 def test_image_comparison_runs_end_to_end(tmp_path, one_thread):
     rows = _comparison(tmp_path, "attack_case=image", "model=tiny_vit", "dataset=digits", "dataset.limit=300")
 
-    _check_rows(rows, tmp_path, ("psnr", "ssim"))
+    _check_rows(rows, tmp_path, ("psnr", "ssim"), baseline=True)
+    for size in (1, 2):  # the flat baseline depends on the batch only: the same for every upload and defence
+        assert len({(r["psnr_flat"], r["ssim_flat"]) for r in rows if r["batch_size"] == size}) == 1
     assert all(r["psnr"] > 0 and -1 <= r["ssim"] <= 1 for r in rows)
     for size in (1, 2):  # originals + 3 uploads x 2 defences, one column per image of the batch
         assert (tmp_path / "out" / f"reconstructions_b{size}.png").stat().st_size > 0
