@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from celora.adapters import AdapterConfig
 from celora.fl.simulation import ClientConfig, FLConfig, check_cohort_size
 from celora.fl.wire import wire_dtype
+from celora.models.backbone import check_dropout, torch_dtype
 
 RESUME_MODES = ("auto", "never", "force")
 
@@ -92,6 +93,10 @@ def build(cfg: DictConfig) -> Parts:
     if cfg.simulation.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"simulation.accelerator={cfg.simulation.accelerator} but this machine has no CUDA device "
                         "visible to torch; use simulation.accelerator=cpu (or auto)")
+
+    model = cfg.get("model", {})
+    part("model", lambda: torch_dtype(model.get("dtype", "fp32")))
+    part("model", lambda: check_dropout(model.get("dropout")))
 
     data = cfg.get("dataset", {})
     fraction = data.get("test_fraction")

@@ -62,17 +62,19 @@ class Pixels(torch.utils.data.Dataset):
 
 
 class ImageCollate:
-    """Stacks uint8 images into normalised float `pixel_values`, repeating a grey channel to `channels`.
+    """Stacks uint8 images into normalised `pixel_values` of the model's dtype, repeating a grey channel to
+    `channels`.
 
     `pad_id` exists for the cohort concatenation's sake (it fills `input_ids`); images have none.
     """
 
     pad_id = 0
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int = 3):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int = 3,
+                 dtype: torch.dtype = torch.float32):
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean {list(mean)} and std {list(std)} need one value per channel ({channels})")
-        self.channels = channels
+        self.channels, self.dtype = channels, dtype
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -82,7 +84,8 @@ class ImageCollate:
             if x.shape[1] != 1:
                 raise ValueError(f"images have {x.shape[1]} channels, the model takes {self.channels}")
             x = x.expand(-1, self.channels, -1, -1)
-        return {"pixel_values": (x - self.mean) / self.std, "labels": torch.tensor([y for _, y in rows])}
+        pixels = ((x - self.mean) / self.std).to(self.dtype)  # normalised in fp32, then the model's dtype
+        return {"pixel_values": pixels, "labels": torch.tensor([y for _, y in rows])}
 
 
 def train_loader(data: Encoded, indices: Sequence[int], batch_size: int, steps: int,

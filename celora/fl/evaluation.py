@@ -12,6 +12,11 @@ from torch import nn
 from celora.data.batches import Collate, Encoded, eval_batches
 
 
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least fp32 for the loss (half-precision logits lose the loss's small differences)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int,
              collate: Collate) -> tuple[float, float, int]:
@@ -23,7 +28,7 @@ def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch)
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        loss += F.cross_entropy(_widened(logits), labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         n += len(labels)
     return correct / max(n, 1), loss / max(n, 1), n
@@ -53,7 +58,7 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
         batch = {name: v.to(device) for name, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch)
-        ce = F.cross_entropy(logits.float(), labels, reduction="none").view(k, block).cpu().double()
+        ce = F.cross_entropy(_widened(logits), labels, reduction="none").view(k, block).cpu().double()
         hit = (logits.argmax(-1) == labels).view(k, block).cpu()
         loss += (ce * valid).sum(1)
         correct += (hit & valid).sum(1)

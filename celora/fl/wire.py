@@ -8,7 +8,8 @@ from torch import nn
 
 from celora.adapters import AdapterConfig, factor_names
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp64 carries an fp64 model's tensors unrounded (the equivalence tests compare simulation paths in it)
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SEED_BYTES = 8  # the 64-bit seed from which every client rebuilds the frozen factors and the head init
 
 
@@ -41,13 +42,16 @@ class Exchange:
 
 @dataclass(frozen=True)
 class Payload:
-    """Tensors as sent: already cast to the wire dtype, so `nbytes` is what the link carries."""
+    """Tensors as sent: already cast to the wire dtype, so `nbytes` is what the link carries; `dtypes` are
+    the sender's, in which the receiver holds them again (the dtype is part of the model, not of the link)."""
 
     tensors: dict[str, torch.Tensor]
+    dtypes: dict[str, torch.dtype]
 
     @classmethod
     def pack(cls, state: dict[str, torch.Tensor], names: tuple[str, ...], dtype: torch.dtype) -> Payload:
-        return cls({n: state[n].detach().to(device="cpu", dtype=dtype).clone() for n in names})
+        return cls({n: state[n].detach().to(device="cpu", dtype=dtype).clone() for n in names},
+                   {n: state[n].dtype for n in names})
 
     @property
     def nbytes(self) -> int:
@@ -57,5 +61,5 @@ class Payload:
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
-    def unpack(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {n: t.to(dtype) for n, t in self.tensors.items()}
+    def unpack(self) -> dict[str, torch.Tensor]:
+        return {n: t.to(self.dtypes[n]) for n, t in self.tensors.items()}

@@ -47,5 +47,6 @@ class Classifier(nn.Module):
         """The backbone frozen under a fresh head seeded by `seed`: identical on every client given the seed."""
         torch.manual_seed(seed)
         model = cls(backbone, hidden_size, num_classes, pooling)
+        model.head.to(next(backbone.parameters()).dtype)  # drawn in fp32 (the same numbers), held as the backbone
         model.backbone.requires_grad_(False)
         return model

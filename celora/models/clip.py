@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from celora.adapters import cohort_size
 from celora.data.batches import ImageCollate
+from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
 from celora.models.text import DEFAULT_TARGETS, minilm_folder
 from celora.models.vision import processor_stats
 
@@ -92,7 +93,7 @@ class ClipModel:
         return {"image_size": self.image_size}
 
     def collate(self) -> ImageCollate:
-        return ImageCollate(self.mean, self.std, self.channels)
+        return ImageCollate(self.mean, self.std, self.channels, self.model.dtype)
 
     def prompts(self, label_names: list[str]) -> list[str]:
         return [self.prompt.format(label=name) for name in label_names]
@@ -110,12 +111,16 @@ class ClipModel:
 
 
 def clip(path: str, image_size: int | None = None, prompt: str = PROMPT, tokenizer: str | None = None,
-         **config) -> ClipModel:
+         dtype: str = "fp32", dropout: float | None = None, **config) -> ClipModel:
     """Any CLIP checkpoint from a local folder or (with a network) a hub id; `image_size` other than its own
-    interpolates the vision tower's position embeddings."""
+    interpolates the vision tower's position embeddings; `dropout` (not None) sets every dropout
+    probability of both towers, `dtype` the weights' dtype."""
     if not (os.path.isdir(path) or "/" in path):
         raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    model = CLIPModel.from_pretrained(path, **config)
+    cfg = CLIPConfig.from_pretrained(path, **config)
+    set_config_dropout(cfg, dropout)
+    model = CLIPModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
+    set_module_dropout(model, dropout)
     stats = processor_stats(path)
     return ClipModel(model.eval(), AutoTokenizer.from_pretrained(tokenizer or path),
                      image_size or model.config.vision_config.image_size, prompt,
@@ -123,7 +128,7 @@ def clip(path: str, image_size: int | None = None, prompt: str = PROMPT, tokeniz
 
 
 def clip_from_config(text: dict, vision: dict, projection_dim: int = 16, prompt: str = PROMPT, seed: int = 0,
-                     tokenizer: str | None = None) -> ClipModel:
+                     tokenizer: str | None = None, dtype: str = "fp32", dropout: float | None = None) -> ClipModel:
     """A randomly initialised CLIP (tiny configs for tests). The tokenizer defaults to MiniLM's (offline); the
     text tower's vocabulary follows it and its pooled token is the tokenizer's [SEP] (end of text)."""
     tok = AutoTokenizer.from_pretrained(tokenizer or str(minilm_folder()))
@@ -131,6 +136,8 @@ def clip_from_config(text: dict, vision: dict, projection_dim: int = 16, prompt:
     text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id or eos,
             "eos_token_id": eos, **dict(text)}
     cfg = CLIPConfig(text_config=text, vision_config=dict(vision), projection_dim=projection_dim)
+    set_config_dropout(cfg, dropout)
     torch.manual_seed(seed)
-    model = CLIPModel(cfg)
+    model = CLIPModel(cfg).to(torch_dtype(dtype))
+    set_module_dropout(model, dropout)
     return ClipModel(model.eval(), tok, cfg.vision_config.image_size, prompt)

