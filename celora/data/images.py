@@ -18,6 +18,7 @@ from datasets.fingerprint import Hasher
 from sklearn.model_selection import train_test_split
 
 from celora.data.batches import Pixels
+from celora.data.columns import drop_or_refuse, label_name, label_vocabulary, require_two_classes
 from celora.data.text import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,15 @@ def digits(*, image_size: int, seed: int, limit: int | None = None, test_fractio
 
 def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, data_files=None,
              data_dir: str | None = None, split_train: str = "train", split_test: str | None = "test",
-             image_column: str = "image", label_column: str = "label", color: str = "rgb",
-             test_fraction: float = 0.1, limit: int | None = None, cache_dir: str | None = None) -> ImageData:
-    """Any `datasets.load_dataset` image source: `imagefolder` with `data_dir` (one folder per class), or a
-    hub id when online. Images are decoded, converted to `color` (rgb | gray) and resized once; the
-    result is cached on disk."""
+             image_column: str = "image", label_column: str = "label", group_column: str | None = None,
+             color: str = "rgb", test_fraction: float = 0.1, limit: int | None = None, cache_dir: str | None = None,
+             drop_missing: bool = False) -> ImageData:
+    """Any `datasets.load_dataset` image source: `imagefolder` with `data_dir` (one folder per class, extra
+    columns such as a writer id from its metadata.csv), or a hub id when online. Images are decoded,
+    converted to `color` (rgb | gray) and resized once; the result is cached on disk. `group_column`
+    keeps a natural id (e.g. the writer) for partition=natural. Rows missing an image, a label or a
+    group id are refused with their row numbers, or dropped with `drop_missing`; a training split of
+    one class is refused."""
     if color not in ("rgb", "gray"):
         raise ValueError(f"dataset.color must be 'rgb' or 'gray', got {color!r}")
     raw = datasets.load_dataset(path, name, data_files=data_files, data_dir=data_dir)
@@ -126,35 +131,43 @@ def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, 
         log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test, 100 * test_fraction,
                  split_train)
     splits = [raw[split_train]] + ([raw[split_test]] if has_test else [])
+    roles = {image_column: "dataset.image_column", label_column: "dataset.label_column",
+             **({group_column: "dataset.group_column"} if group_column else {})}
     for ds in splits:
-        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        missing = [c for c in roles if c not in ds.column_names]
         if missing:
             raise ValueError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
-                             "Set image_column / label_column to existing ones.")
+                             "Set image_column / label_column / group_column to existing ones.")
+    names = [split_train] + ([split_test] if has_test else [])
+    splits = list(drop_or_refuse(dict(zip(names, splits)), roles, drop_missing, f"dataset {path}").values())
     key = Hasher.hash(("hf_image", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
-                       split_test, image_column, label_column, color, test_fraction, limit, seed, image_size))
+                       split_test, image_column, label_column, group_column, color, test_fraction, limit, seed,
+                       image_size, drop_missing))
     target = Path(cache_dir or default_cache_dir()) / f"hf_image-{key}.pt"
     if target.exists():
         return _from_cache(target)
 
     feature = splits[0].features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        names, labels = list(feature.names), [np.asarray(ds[label_column][:]) for ds in splits]
+        classes, labels = list(feature.names), [np.asarray(ds[label_column][:]) for ds in splits]
     else:  # any other label values map to 0..K-1 by sorted value, one vocabulary for every split
-        values = sorted({v for ds in splits for v in ds.unique(label_column)})
+        values = label_vocabulary(splits, label_column)
         index = {v: i for i, v in enumerate(values)}
-        names = [str(v) for v in values]
+        classes = [label_name(v) for v in values]
         labels = [np.array([index[v] for v in ds[label_column][:]]) for ds in splits]
+    require_two_classes(labels[0], classes, label_column, "dataset.label_column", split_train, f"dataset {path}")
     decode = lambda ds, rows: _decode(ds, image_column, rows, color, image_size)  # noqa: E731
     if has_test:
         train_rows, test_rows = _limits(labels[0], labels[1], limit, seed)
-        data = _assemble(decode(splits[0], train_rows), labels[0][train_rows],
-                         decode(splits[1], test_rows), labels[1][test_rows], names)
     else:
-        rows = _take(labels[0], limit, seed)
-        train_rows, test_rows = _split(labels[0], rows, test_fraction, seed)
-        data = _assemble(decode(splits[0], train_rows), labels[0][train_rows],
-                         decode(splits[0], test_rows), labels[0][test_rows], names)
+        train_rows, test_rows = _split(labels[0], _take(labels[0], limit, seed), test_fraction, seed)
+    test_split = splits[-1]  # the given test split, or the training split it is held out of
+
+    def ids(ds: datasets.Dataset, rows: np.ndarray) -> dict:
+        return {group_column: ds.select(rows)[group_column][:]} if group_column else {}
+
+    data = _assemble(decode(splits[0], train_rows), labels[0][train_rows], decode(test_split, test_rows),
+                     labels[-1][test_rows], classes, ids(splits[0], train_rows), ids(test_split, test_rows))
     _to_cache(data, target)
     return data
 
@@ -234,11 +247,17 @@ def _decode(ds: datasets.Dataset, column: str, rows: np.ndarray, color: str, siz
     return out
 
 
-def _assemble(train_x, train_y, test_x, test_y, names: list[str]) -> ImageData:
-    features = datasets.Features({"label": datasets.ClassLabel(names=list(names))})
-    as_ds = lambda y: datasets.Dataset.from_dict({"label": np.asarray(y, np.int64).tolist()}, features=features)  # noqa: E731
-    return ImageData(as_ds(train_y), as_ds(test_y), torch.as_tensor(train_x), torch.as_tensor(test_x),
-                     len(names), list(names))
+def _assemble(train_x, train_y, test_x, test_y, names: list[str], train_extra: dict | None = None,
+              test_extra: dict | None = None) -> ImageData:
+    """ImageData from pixels and labels; `*_extra` are further columns (a group id) of the same rows."""
+    label = datasets.ClassLabel(names=list(names))
+
+    def as_ds(y, extra):
+        return datasets.Dataset.from_dict({"label": np.asarray(y, np.int64).tolist(), **(extra or {})}).cast_column(
+            "label", label)
+
+    return ImageData(as_ds(train_y, train_extra), as_ds(test_y, test_extra), torch.as_tensor(train_x),
+                     torch.as_tensor(test_x), len(names), list(names))
 
 
 def _image_data(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray | None, y_test: np.ndarray | None,
@@ -260,13 +279,15 @@ def _image_data(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray | N
 def _to_cache(data: ImageData, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    extra = lambda ds: {c: ds[c][:] for c in ds.column_names if c != "label"}  # noqa: E731
     torch.save({"train": data.train_pixels, "test": data.test_pixels, "names": data.label_names,
                 "train_labels": torch.tensor(data.train["label"][:]),
-                "test_labels": torch.tensor(data.test["label"][:])}, tmp)
+                "test_labels": torch.tensor(data.test["label"][:]),
+                "train_extra": extra(data.train), "test_extra": extra(data.test)}, tmp)
     tmp.replace(target)  # atomic: racing runs never read a half-written file
 
 
 def _from_cache(target: Path) -> ImageData:
     blob = torch.load(target)
     return _assemble(blob["train"], blob["train_labels"].numpy(), blob["test"], blob["test_labels"].numpy(),
-                     blob["names"])
+                     blob["names"], blob.get("train_extra"), blob.get("test_extra"))

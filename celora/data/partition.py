@@ -75,7 +75,8 @@ class Partition:
 
 def _require_column(dataset: datasets.Dataset, column: str) -> None:
     if column not in dataset.column_names:
-        raise ValueError(f"unknown column {column!r}; the dataset has {dataset.column_names}.")
+        raise ValueError(f"unknown column {column!r}; the dataset has {dataset.column_names}. A dataset=hf or "
+                         f"hf_image source keeps its id column only when named: dataset.group_column={column}.")
 
 
 def _column(ds: datasets.Dataset, name: str) -> np.ndarray:

@@ -15,6 +15,7 @@ from datasets.fingerprint import Hasher
 from sklearn.model_selection import train_test_split
 
 from celora.data.batches import Encoded
+from celora.data.columns import drop_or_refuse, label_name, label_vocabulary, require_two_classes
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,11 @@ def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: flo
 def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
        split_train: str = "train", split_test: str | None = "test", text_column: str = "text",
        label_column: str = "label", group_column: str | None = None, test_fraction: float = 0.1,
-       limit: int | None = None, cache_dir: str | None = None) -> TextData:
-    """Any `datasets.load_dataset` source (hub id, or "csv"/"json"/"parquet" with `data_files`)."""
+       limit: int | None = None, cache_dir: str | None = None, drop_missing: bool = False) -> TextData:
+    """Any `datasets.load_dataset` source (hub id, or "csv"/"json"/"parquet" with `data_files`).
+
+    Rows missing a text, a label or a group id (null, NaN, empty text) are refused with their row
+    numbers, or dropped with `drop_missing`; a training split of one class is refused."""
     raw = datasets.load_dataset(path, name, data_files=data_files)
     if split_train not in raw:
         raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
@@ -94,13 +98,20 @@ def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = N
         if missing:
             raise ValueError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
                              "Set text_column / label_column / group_column to existing ones.")
+    roles = {text_column: "dataset.text_column", label_column: "dataset.label_column",
+             **({group_column: "dataset.group_column"} if group_column else {})}
+    names = [split_train] + ([split_test] if has_test else [])
+    splits = list(drop_or_refuse(dict(zip(names, splits)), roles, drop_missing, f"dataset {path}").values())
     key = Hasher.hash(("hf", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
-                       split_test, text_column, label_column, group_column, test_fraction, limit, seed))
+                       split_test, text_column, label_column, group_column, test_fraction, limit, seed,
+                       drop_missing))
 
     def build() -> datasets.DatasetDict:
         parts = [ds.select_columns(keep).rename_columns({text_column: "text", label_column: "label"})
                  for ds in splits]
         parts = _encode_labels(parts)
+        require_two_classes(np.asarray(parts[0]["label"][:]), parts[0].features["label"].names, label_column,
+                            "dataset.label_column", split_train, f"dataset {path}")
         if len(parts) == 1:
             return _split(_take(parts[0], limit, seed), test_fraction, seed)
         train, test = parts
@@ -118,10 +129,10 @@ def _encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
     """Map any label values to ints 0..K-1 by sorted value, one vocabulary for every split."""
     if isinstance(parts[0].features["label"], datasets.ClassLabel):
         return parts
-    values = sorted({v for ds in parts for v in ds.unique("label")})
+    values = label_vocabulary(parts, "label")
     index = {v: i for i, v in enumerate(values)}
     features = parts[0].features.copy()
-    features["label"] = datasets.ClassLabel(names=[str(v) for v in values])
+    features["label"] = datasets.ClassLabel(names=[label_name(v) for v in values])
     return [ds.map(lambda b: {"label": [index[v] for v in b["label"]]}, batched=True, keep_in_memory=True,
                    features=features) for ds in parts]
 
