@@ -1,5 +1,6 @@
 """Tiny end-to-end runs through run(cfg): metrics schema, byte accounting per round, reference modes."""
 import json
+import logging
 import math
 
 import pytest
@@ -130,3 +131,20 @@ def test_metric_rows_and_summary_are_strict_json(compose_cfg, tmp_path):
 
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
     assert summary["last"]["global/acc"] is None and "global/acc" not in summary["best"]
+
+
+@pytest.mark.parametrize("simulation", [["simulation=sequential"], ["simulation=parallel", "simulation.cohort_size=2"]])
+def test_adapters_that_get_no_gradient_are_named_once_with_their_bytes(compose_cfg, tmp_path, caplog, simulation):
+    # `dense` also matches BERT's pooler.dense, which mean pooling never reads: its factors get no gradient
+    targets = "adapter.targets=[query,value,dense]"
+    with caplog.at_level(logging.WARNING, logger="celora"):
+        run(compose_cfg(*TINY, targets, *simulation), run_dir=tmp_path / "dense")
+    warnings = [r.getMessage() for r in caplog.records if "got no gradient" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once a run, not once a client or a round
+    assert "['backbone.pooler.dense']" in warnings[0]
+    # LoRA on a 64 x 64 layer at r = 8: A and B hold 2 x 8 x 64 values, sent in fp32 by each of 3 clients
+    assert "1,024 values, 4,096 bytes per client and direction each round (12,288 bytes of uplink" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="celora"):
+        run(compose_cfg(*TINY, "adapter.targets=[query,value,output.dense]", *simulation), run_dir=tmp_path / "ok")
+    assert not [r for r in caplog.records if "got no gradient" in r.getMessage()]

@@ -60,6 +60,20 @@ def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
     return [m for m in model.modules() if isinstance(m, AdapterLayer)]
 
 
+def silent_layers(model: nn.Module, trainable) -> list[str]:
+    """Names of the adapter layers whose trainable factors all hold a zero or absent gradient, read after a
+    backward pass: modules off the task's forward path (a BERT pooler under mean pooling), whose factors
+    would be trained and sent for nothing. A layer with no trainable factor is not counted."""
+    names = set(trainable)
+    out = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, AdapterLayer):
+            mine = [p for n, p in layer.named_parameters(prefix=name, recurse=False) if n in names]
+            if mine and all(p.grad is None or not bool(p.grad.any()) for p in mine):
+                out.append(name)
+    return out
+
+
 def cohort_size(model: nn.Module) -> int | None:
     """K while a parallel cohort's stacked factors are in the model (see fl.client.stacked), else None."""
     for layer in adapter_layers(model):

@@ -30,13 +30,14 @@ class LocalTraining(L.LightningModule):
 
     def __init__(self, model: nn.Module, trainable: Iterable[str],
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-                 steps: Sequence[int] | None = None):
+                 steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None):
         super().__init__()
         self.model = model
         self.trainable = set(trainable)
         self.optimizer_factory = optimizer
         self.steps = list(steps) if steps is not None else None  # None: not stacked
         self.losses: list[torch.Tensor] = []
+        self.on_first_backward = on_first_backward  # sees the model's gradients once, before clipping
 
     def training_step(self, batch, batch_idx):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -49,6 +50,11 @@ class LocalTraining(L.LightningModule):
         self.losses.append(per_client.detach())
         active = torch.tensor([batch_idx < s for s in self.steps], device=per_client.device)
         return (per_client * active).sum()
+
+    def on_after_backward(self):
+        if self.on_first_backward is not None:
+            self.on_first_backward(self.model)
+            self.on_first_backward = None
 
     def client_losses(self) -> list[float]:
         """Each client's mean training loss over the steps it ran."""
@@ -203,26 +209,28 @@ def _fit(module: LocalTraining, batches, grad_clip: float | None, accelerator: s
 
 
 def train_local(model: nn.Module, trainable: Iterable[str], batches, optimizer, *,
-                grad_clip: float | None, accelerator: str = "cpu") -> float:
+                grad_clip: float | None, accelerator: str = "cpu",
+                on_first_backward: Callable[[nn.Module], None] | None = None) -> float:
     """One client's local steps on the model's own tensors; returns its mean training loss.
 
     The optimiser state is fresh each round.
     """
-    module = LocalTraining(model, trainable, optimizer)
+    module = LocalTraining(model, trainable, optimizer, on_first_backward=on_first_backward)
     _fit(module, batches, grad_clip, accelerator)
     return module.client_losses()[0]
 
 
 def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[State],
                  loaders: Sequence[Iterable[dict]], steps: Sequence[int], optimizer, *, pad_id: int,
-                 grad_clip: float | None, accelerator: str = "cpu") -> tuple[list[float], list[State]]:
+                 grad_clip: float | None, accelerator: str = "cpu",
+                 on_first_backward: Callable[[nn.Module], None] | None = None) -> tuple[list[float], list[State]]:
     """K clients' local steps in one batched pass over the shared backbone.
 
     `states[k]` holds client k's starting trainable tensors; returns each client's mean training
     loss and its trained tensors (on CPU). The optimiser state is fresh each round.
     """
     with stacked(model, states) as params:
-        module = LocalTraining(model, trainable, optimizer, steps)
+        module = LocalTraining(model, trainable, optimizer, steps, on_first_backward)
         _fit(module, CohortBatches(loaders, steps, pad_id), grad_clip, accelerator)
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
     return module.client_losses(), finals

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from celora.adapters import silent_layers
 from celora.data.batches import Collate, Encoded, train_loader
 from celora.fl import faults
 from celora.fl.aggregators import FedAvg
@@ -146,6 +147,7 @@ class Simulation:
         self.sampler = np.random.default_rng([seed, 1])
         self.cum = {"up": 0, "down": 0}
         self.completed = -1  # the last round done (0: the round-0 evaluation)
+        self.gradients_checked = False  # the first local backward pass looks for adapters that get no gradient
 
     # -- state: what a resumed run needs beyond what the config rebuilds ----------------------
     def state_dict(self) -> dict:
@@ -212,15 +214,35 @@ class Simulation:
         ex, opt, clip = self.exchange, self.client.optimizer, self.client.grad_clip
         starts = [{**received[i], **self.trainers[i].private} for i in cohort]
         torch.manual_seed(derive_seed(self.seed, 3, rnd, cohort[0]))  # dropout, identical across runs
+        check = None if self.gradients_checked else self.warn_silent_adapters
+        self.gradients_checked = True
         if self.cohort_size is None:
             load(self.model, starts[0])
             loss = train_local(self.model, ex.trainable, self._batches(rnd, cohort[0]), opt,
-                               grad_clip=clip, accelerator=self.accelerator)
+                               grad_clip=clip, accelerator=self.accelerator, on_first_backward=check)
             return [(loss, snapshot(self.model, ex.trainable))]
         losses, states = train_cohort(self.model, ex.trainable, starts, [self._batches(rnd, i) for i in cohort],
                                       [self.local_steps(i) for i in cohort], opt, pad_id=self.collate.pad_id,
-                                      grad_clip=clip, accelerator=self.accelerator)
+                                      grad_clip=clip, accelerator=self.accelerator, on_first_backward=check)
         return list(zip(losses, states))
+
+    def warn_silent_adapters(self, model: nn.Module) -> None:
+        """Warns (once a run) of adapted modules whose trainable factors got no gradient in the first local
+        backward pass: they are off the task's forward path, so what they train and send is wasted."""
+        silent = silent_layers(model, self.exchange.trainable)
+        if not silent:
+            return
+        sent = [n for n in self.exchange.shared if n.rpartition(".")[0] in silent]
+        values = sum(self.global_state[n].numel() for n in sent)
+        per_client = values * torch.tensor([], dtype=self.fl.wire_dtype).element_size()
+        cost = (f"their factors are trained and sent for nothing: {values:,} values, {per_client:,} bytes per "
+                f"client and direction each round ({per_client * self.fl.clients_per_round:,} bytes of uplink a "
+                f"round for {self.fl.clients_per_round} clients)" if sent else "their factors are trained for nothing")
+        log.warning(
+            "adapters on %d module(s) got no gradient in the first local step: %s. They are not on the task's forward "
+            "path (e.g. a BERT pooler under pooling=mean), so %s. Leave them out of adapter.targets: a target matches "
+            "the modules whose dotted name ends with it, so name them more precisely (e.g. output.dense instead of "
+            "dense).", len(silent), silent, cost)
 
     def train_guarded(self, rnd: int, cohort: list[int],
                       received: dict[int, State]) -> tuple[dict[int, tuple[float, State]], dict[int, Exception]]:
