@@ -5,11 +5,12 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from celora.run import run  # imported in the job: a launcher process (joblib, submitit) stays light
+    from celora.metrics import objective
+    from celora.run import (
+        run,  # imported in the job: a launcher process (joblib, submitit) stays light
+    )
 
-    summary = run(cfg)
-    last = summary.get("last", {})
-    return last.get("global/acc") or last.get("personal/acc")  # what a sweeper would optimise
+    return objective(run(cfg), cfg.get("optimized_metric"))  # what a sweeper optimises
 
 
 if __name__ == "__main__":

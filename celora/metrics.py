@@ -5,12 +5,35 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 KEYS = (
     "round", "global/acc", "global/loss", "personal/acc", "personal/acc_unweighted",
     "personal/acc_worst10", "personal/loss", "train/loss", "comm/up_bytes", "comm/down_bytes",
     "comm/up_bytes_cum", "comm/down_bytes_cum", "fl/clients", "fl/rejected_clients", "time/round_s",
 )
+
+
+OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma")
+
+
+def check_objective(key: str | None) -> None:
+    """optimized_metric must name a scalar of the schema, or best/<one>."""
+    name = key[len("best/"):] if key and key.startswith("best/") else key
+    if key is not None and name not in set(KEYS) - {"round"} | set(OPTIONAL):
+        raise ValueError(f"optimized_metric={key!r} is not a metric of the schema; use one of "
+                         f"{[k for k in KEYS if k != 'round']}, or best/<one of them>, or null")
+
+
+def objective(summary: dict, key: str | None = None) -> float | None:
+    """The number a sweeper optimises: `key` of the summary's last row, or its best value (`best/<key>`);
+    None: global/acc where the server has one model, else personal/acc."""
+    last = summary.get("last", {})
+    if key is None:
+        return last.get("global/acc") if last.get("global/acc") is not None else last.get("personal/acc")
+    if key.startswith("best/"):
+        return summary.get("best", {}).get(key[len("best/"):])
+    return last.get(key)
 
 
 def _clean(value):
@@ -47,15 +70,34 @@ def sweep_labels() -> dict:
     return {"group": hc.sweep.dir, "name": hc.job.override_dirname or f"job {hc.job.num}"}
 
 
-class NullSink:
-    def log(self, row: dict) -> None: ...
-    def log_config(self, config: dict) -> None: ...
-    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None: ...
-    def log_partition(self, partition: dict) -> None: ...
-    def finish(self, summary: dict) -> None: ...
+class Sink(Protocol):
+    """Where a run's metrics go besides metrics.jsonl (`logger` config group: W&B, or nowhere).
+
+    Called in this order: log_config once, then log / log_matrix / log_partition as the run goes,
+    then finish (also after a failure). A sink must never raise: a logging fault only warns.
+    """
+
+    def log_config(self, config: dict, run_dir: str | Path | None = None) -> None:
+        """The run's resolved config, and the dir it writes to (where the sink may keep its files)."""
+
+    def log(self, row: dict) -> None:
+        """One evaluated round, the metrics schema's keys, `round` as the step."""
+
+    def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
+        """A client x client matrix (aggregation weights, data distances) of round `rnd`."""
+
+    def log_partition(self, partition: dict) -> None:
+        """partition.json: each client's label counts."""
+
+    def finish(self, summary: dict) -> None:
+        """summary.json's content ({} when the run failed)."""
 
 
-class WandbSink:
+class NullSink(Sink):
+    """metrics.jsonl and summary.json only."""
+
+
+class WandbSink(Sink):
     """Weights & Biases, offline by default (sync later with `wandb sync`); failures only warn.
 
     One W&B run per experiment; in a multirun each job's run is grouped by its sweep (`sweep_labels`)
@@ -68,11 +110,13 @@ class WandbSink:
                            tags=list(tags or []), dir=dir)
         self.run = None
 
-    def log_config(self, config: dict) -> None:
+    def log_config(self, config: dict, run_dir: str | Path | None = None) -> None:
         try:
             import wandb
 
             kwargs = {**self.kwargs, **{k: v for k, v in sweep_labels().items() if self.kwargs.get(k) is None}}
+            if kwargs["dir"] is None and run_dir is not None:  # the W&B files beside the run's own
+                kwargs["dir"] = str(run_dir)
             self.run = wandb.init(config=config, reinit="finish_previous", **kwargs)
         except Exception as e:  # a logging fault must never cost the run
             warnings.warn(f"W&B disabled for this run: {e}")
@@ -124,7 +168,7 @@ class WandbSink:
 class Metrics:
     """Appends rows to metrics.jsonl (always) and forwards them to a sink."""
 
-    def __init__(self, run_dir: Path, sink=None):
+    def __init__(self, run_dir: Path, sink: Sink | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.sink = sink or NullSink()
         self.rows: list[dict] = []

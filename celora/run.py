@@ -12,13 +12,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from celora.adapters import inject
+from celora.adapters import adapter_layers, inject
 from celora.data import load
 from celora.data.partition import label_counts
+from celora.files import atomic_write
 from celora.fl import checkpoint
-from celora.fl.simulation import derive_seed
 from celora.fl.wire import Exchange
-from celora.metrics import Metrics, summarize
+from celora.metrics import Metrics, Sink, summarize
+from celora.seeds import FROZEN_FACTORS, derive_seed
 from celora.validate import build
 
 log = logging.getLogger("celora")
@@ -37,7 +38,7 @@ def _run_dir(run_dir) -> Path:
 
 
 # Keys that change no number of a run: a checkpoint may be resumed under other values of these.
-NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir")
+NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -109,7 +110,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
     counts = label_counts(data.train, splits, data.num_classes)
     # latent groups, where the partition has them: the ground truth personalisation should find
-    groups = parts.partition.group_of(fl.num_clients) if hasattr(parts.partition, "group_of") else None
+    groups = parts.partition.group_of(fl.num_clients)
     (out / "partition.json").write_text(json.dumps(
         {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
@@ -119,21 +120,19 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     if not targets:
         raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
     # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
-    inject(model, adapter, targets, seed=derive_seed(cfg.seed, 2))
+    inject(model, adapter, targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
 
-    sink = instantiate(cfg.logger)
-    if hasattr(sink, "kwargs") and sink.kwargs.get("dir") is None:
-        sink.kwargs["dir"] = str(out)
+    sink: Sink = instantiate(cfg.logger)
     metrics = Metrics(out, sink)
     summary: dict = {}
     try:
-        sink.log_config(OmegaConf.to_container(cfg, resolve=True))
+        sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)
         sim = parts.simulation(
             model=model, exchange=exchange, aggregator=aggregator, train=data.encoded("train"),
             test=data.encoded("test"), splits=splits, fl=fl, client=parts.client, seed=cfg.seed,
             collate=backbone.collate(), log=metrics.log,
-            log_matrix=metrics.log_matrix, num_classes=data.num_classes, privacy=parts.privacy,
+            log_matrix=metrics.log_matrix, num_classes=data.num_classes, privacy=parts.privacy, task=parts.task,
         )
         before = 0.0  # seconds spent in earlier processes of this run
         if saved is not None:
@@ -157,9 +156,9 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
             "time/total_s": before + time.perf_counter() - t0,
             "params/trainable_per_client": sum(params[n].numel() for n in exchange.trainable),
             "params/shared_per_client": sum(params[n].numel() for n in exchange.shared),
-            "params/adapted_modules": len([n for n in params if n.endswith(".lora_A")]),
+            "params/adapted_modules": len(adapter_layers(model)),
         }
-        checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode())
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode())
         last = summary["last"]
         log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
                  summary["time/total_s"], last.get("global/acc"), last["personal/acc"],

@@ -10,9 +10,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from celora.adapters import AdapterConfig
-from celora.fl.simulation import ClientConfig, FLConfig, check_cohort_size
+from celora.data.partition import Partition
+from celora.fl.aggregators import Aggregator
+from celora.fl.cohorts import check_cohort_size
+from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.wire import wire_dtype
+from celora.metrics import check_objective
 from celora.models.backbone import check_dropout, torch_dtype
+from celora.privacy.dp import Privacy
+from celora.tasks import Task
 
 RESUME_MODES = ("auto", "never", "force")
 
@@ -28,21 +34,16 @@ class Parts:
     fl: FLConfig
     client: ClientConfig
     adapter: AdapterConfig
-    partition: object  # celora.data.partition.Partition
-    aggregator: object  # FedAvg and its kind: (uploads, sizes, received) -> Aggregate
-    privacy: object  # NoPrivacy | ClientDP
+    partition: Partition
+    aggregator: Aggregator
+    privacy: Privacy
     simulation: Callable  # the Simulation class with its config bound (Hydra `_partial_`)
+    task: Task
 
 
 def fl_config(cfg: DictConfig) -> FLConfig:
     """The federation's settings, interpolations resolved (experiments set e.g. eval_every: ${fl.rounds})."""
     return FLConfig(**{**OmegaConf.to_container(cfg.fl, resolve=True), "wire_dtype": wire_dtype(cfg.fl.wire_dtype)})
-
-
-def client_config(cfg: DictConfig) -> ClientConfig:
-    return ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=cfg.client.local_steps,
-                        batch_size=cfg.client.batch_size, eval_batch_size=cfg.client.eval_batch_size,
-                        grad_clip=cfg.client.grad_clip, max_epochs=cfg.client.max_epochs)
 
 
 def _reason(e: Exception) -> str:
@@ -79,21 +80,20 @@ def build(cfg: DictConfig) -> Parts:
     if not (isinstance(cfg.seed, int) and cfg.seed >= 0):
         problems.append(f"seed={cfg.seed!r} must be a non-negative integer")
     fl = part("fl", lambda: fl_config(cfg))
-    lr = cfg.client.get("lr")
-    if isinstance(lr, (int, float)) and not lr > 0:
-        problems.append(f"client.lr={lr} must be > 0")
-    client = part("client", lambda: client_config(cfg))
+    client = part("client", lambda: instantiate(cfg.client))
     adapter = part("adapter", lambda: instantiate(cfg.adapter))
     partition = part("partition", lambda: instantiate(cfg.partition))
     aggregator = part("aggregator", lambda: instantiate(cfg.aggregator))
     rate = fl.clients_per_round / fl.num_clients if fl else 1.0
     privacy = part("privacy", lambda: instantiate(cfg.privacy)(sample_rate=rate))
     simulation = part("simulation", lambda: instantiate(cfg.simulation))
+    task = part("task", lambda: instantiate(cfg.task))
     part("simulation", lambda: check_cohort_size(cfg.simulation.get("cohort_size")))
     if cfg.simulation.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(f"simulation.accelerator={cfg.simulation.accelerator} but this machine has no CUDA device "
                         "visible to torch; use simulation.accelerator=cpu (or auto)")
 
+    part("optimized_metric", lambda: check_objective(cfg.get("optimized_metric")))
     model = cfg.get("model", {})
     part("model", lambda: torch_dtype(model.get("dtype", "fp32")))
     part("model", lambda: check_dropout(model.get("dropout")))
@@ -109,7 +109,7 @@ def build(cfg: DictConfig) -> Parts:
         problems.append(f"fl.num_clients={fl.num_clients} needs at least {2 * fl.num_clients} examples (2 per client, "
                         f"for its local train and test) but dataset.limit={limit}; use fl.num_clients <= "
                         f"{max(1, limit // 2)} or a larger dataset.limit")
-    if fl and partition is not None and hasattr(partition, "group_of"):
+    if fl and partition is not None:
         part("partition", lambda: partition.group_of(fl.num_clients))
 
     # How the parts combine: each rule reads what the parts declare, never their names.
@@ -132,4 +132,4 @@ def build(cfg: DictConfig) -> Parts:
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n"
                           + "\n".join(f"  - {p}" for p in problems))
-    return Parts(fl, client, adapter, partition, aggregator, privacy, simulation)
+    return Parts(fl, client, adapter, partition, aggregator, privacy, simulation, task)

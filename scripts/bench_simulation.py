@@ -31,7 +31,8 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     from celora.adapters import inject
     from celora.data.batches import Collate, Encoded
     from celora.fl.client import set_trainable
-    from celora.fl.simulation import ClientConfig, FLConfig, derive_seed
+    from celora.fl.config import FLConfig
+    from celora.seeds import FROZEN_FACTORS, derive_seed
     from celora.fl.wire import Exchange
 
     central = mode == "centralized"
@@ -54,10 +55,9 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     splits = instantiate(cfg.partition).split(data.train, clients, cfg.seed)
     net = backbone.classifier(data.num_classes, seed=cfg.seed)
     adapter = instantiate(cfg.adapter)
-    inject(net, adapter, adapter.targets or backbone.default_targets, seed=derive_seed(cfg.seed, 2))
+    inject(net, adapter, adapter.targets or backbone.default_targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
     aggregator = instantiate(cfg.aggregator)
-    client = ClientConfig(optimizer=instantiate(cfg.client.optimizer), local_steps=steps,
-                          batch_size=cfg.client.batch_size, grad_clip=cfg.client.grad_clip)
+    client = instantiate(cfg.client)
     fl = FLConfig(num_clients=clients, rounds=rounds + 1, sample_fraction=cfg.fl.sample_fraction)
     sim = instantiate(cfg.simulation)(
         model=net, exchange=Exchange.of(net, adapter, aggregator.communicates), aggregator=aggregator,

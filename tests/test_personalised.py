@@ -27,10 +27,17 @@ def _data_distance(k, seed=1):
     return d
 
 
+def _celora(data_distance, **kwargs) -> CeLoRA:
+    """CeLoRA as prepare() leaves it: the data-space distances known (here given, not computed from stats)."""
+    aggregator = CeLoRA(**kwargs)
+    aggregator.data_distance = data_distance
+    return aggregator
+
+
 def test_gamma_zero_is_fedavg_for_every_client():
     ups, sizes, received = _uploads()
     fedavg = FedAvg()(ups, sizes).global_state
-    out = CeLoRA(gamma=0.0)(ups, sizes, received, data_distance=_data_distance(4))
+    out = _celora(_data_distance(4), gamma=0.0)(ups, sizes, received)
     for i in ups:
         for n in fedavg:
             assert torch.allclose(out.personal[i][n], fedavg[n], atol=1e-6)
@@ -41,7 +48,7 @@ def test_gamma_zero_is_fedavg_for_every_client():
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_weight_rows_are_on_the_simplex(solver, lam):
     ups, sizes, received = _uploads(6, seed=3)
-    out = CeLoRA(lam=lam, solver=solver, gamma=2.0, tau=0.2)(ups, sizes, received, data_distance=_data_distance(6))
+    out = _celora(_data_distance(6), lam=lam, solver=solver, gamma=2.0, tau=0.2)(ups, sizes, received)
     w = out.weights
     assert w.shape == (6, 6) and out.ids == list(range(6))
     assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(6, dtype=w.dtype))
@@ -50,7 +57,7 @@ def test_weight_rows_are_on_the_simplex(solver, lam):
 def test_large_gamma_with_data_only_keeps_each_client_to_its_nearest():
     ups, sizes, received = _uploads(4)
     d = torch.tensor([[0, .1, 1, 1], [.1, 0, 1, 1], [1, 1, 0, .1], [1, 1, .1, 0]], dtype=torch.float64)
-    w = CeLoRA(lam=1.0, gamma=10.0)(ups, sizes, received, data_distance=d).weights
+    w = _celora(d, lam=1.0, gamma=10.0)(ups, sizes, received).weights
     assert w[:2, 2:].sum() == 0 and w[2:, :2].sum() == 0
 
 

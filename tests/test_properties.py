@@ -109,8 +109,9 @@ def test_personalised_mix_of_identical_uploads_is_the_upload(k, seed, solver, la
     c = torch.randn(3, 3, generator=torch.Generator().manual_seed(seed))
     uploads = {i: {"m.lora_C": c.clone()} for i in range(k)}
     received = {i: {"m.lora_C": torch.zeros(3, 3)} for i in range(k)}
-    result = CeLoRA(lam=lam, solver=solver, gamma=gamma)(uploads, {i: i + 1 for i in range(k)}, received,
-                                                        data_distance=d)
+    aggregator = CeLoRA(lam=lam, solver=solver, gamma=gamma)
+    aggregator.data_distance = d  # as prepare() leaves it
+    result = aggregator(uploads, {i: i + 1 for i in range(k)}, received)
     assert _on_simplex(result.weights)
     for state in result.personal.values():
         torch.testing.assert_close(state["m.lora_C"], c, rtol=1e-6, atol=1e-6)

@@ -7,19 +7,17 @@ import torch
 from scipy.optimize import minimize
 
 from celora.fl.aggregators import weighted_average
+from celora.privacy.stats import clip_rows, gaussian_mechanism_sigma, privatize
 from celora.similarity import (
     ClassStats,
     class_gaussians,
-    clip_rows,
     combined_distance,
     data_distance,
-    gaussian_mechanism_sigma,
     log_expected_kernel,
     median_bandwidth,
     mix,
     mmd2_mixtures,
     param_distance,
-    privatize,
     project_simplex,
     simplex_weights,
     softmax_weights,

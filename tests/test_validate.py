@@ -13,7 +13,7 @@ CASES = [
     (["adapter.dropout=1.5"], r"adapter.dropout must be in \[0, 1\)"),
     (["fl.sample_fraction=1.5"], r"fl.sample_fraction must be in \(0, 1\], got 1.5"),
     (["fl.num_clients=0"], r"fl.num_clients must be >= 1, got 0"),
-    (["fl.wire_dtype=fp8"], r"fl.wire_dtype must be one of \['bf16', 'fp16', 'fp32'\], got 'fp8'"),
+    (["fl.wire_dtype=fp8"], r"fl.wire_dtype must be one of \['bf16', 'fp16', 'fp32', 'fp64'\], got 'fp8'"),
     (["fl.on_client_error=ignore"], r"fl.on_client_error must be one of \('skip', 'raise'\)"),
     (["fl.max_update_norm_ratio=0.5"], r"fl.max_update_norm_ratio must be > 1 \(e.g. 10\) or null"),
     (["client.lr=0"], r"client.lr=0 must be > 0"),

@@ -31,7 +31,9 @@ from celora.adapters import AdapterConfig, adapter_layers, inject
 from celora.data import images, load
 from celora.data.batches import ImageCollate, Pixels
 from celora.data.images import FASHION_FILES, FASHION_NAMES, ImageData, resize
-from celora.fl.client import set_trainable, stacked
+from celora.adapters import stacked
+from celora.assets import package_file
+from celora.fl.client import set_trainable
 from celora.fl.evaluation import evaluate
 from celora.fl.wire import Exchange, Payload
 from celora.models import vision
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 R = 8
 LORA = AdapterConfig(name="lora", r=R)
-TRI = AdapterConfig(name="tri", r=R, tri=True, zero="C", trainable=["C"], shared=["C"])
+TRI = AdapterConfig(name="tri", r=R, zero="C", trainable=["C"], shared=["C"])
 
 
 def _model_cfg(name: str, *overrides: str):
@@ -246,7 +248,7 @@ def test_efficientnet_pointwise_convs_are_plain_and_compute_what_the_package_com
 
     backbone = _backbone("efficientnet_lite0")
     trunk = backbone.backbone.net
-    files = sorted((vision._package_dir(vision.EFFICIENTNET_WEIGHTS, "") / "models").glob("*.pth"))
+    files = sorted(package_file(vision.EFFICIENTNET_WEIGHTS, "models", "", vision.EFFICIENTNET_PIP).glob("*.pth"))
     original = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(files[0]), image_size=32).eval()
     pointwise = [n for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert len(pointwise) == 32  # 15 expand + 16 project + the head conv

@@ -21,9 +21,8 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None  # None: the model family's default targets
-    tri: bool = False  # insert the r x r matrix C between A and B
     init: str = "random"  # random | svd
-    zero: str = "B"  # the factor that starts at zero, so round 0 is the pretrained model
+    zero: str = "B"  # the factor that starts at zero, so round 0 is the pretrained model; C: a tri adapter
     trainable: list[str] = field(default_factory=lambda: ["A", "B"])
     shared: list[str] = field(default_factory=lambda: ["A", "B"])
     head: str = "shared"  # shared: the task head is uploaded and aggregated; local: kept private
@@ -33,6 +32,8 @@ class AdapterConfig:
         self.shared = list(self.shared)
         if self.targets is not None:
             self.targets = list(self.targets)
+        if self.zero not in FACTORS:
+            raise ValueError(f"adapter.zero={self.zero!r} is not a factor; use B (LoRA: B A) or C (tri: B C A)")
         factors = set(FACTORS if self.tri else FACTORS[:2])
         if self.r < 1:
             raise ValueError(f"adapter.r must be >= 1, got {self.r}")
@@ -49,7 +50,7 @@ class AdapterConfig:
             if bad:
                 raise ValueError(
                     f"adapter.{key} names {sorted(bad)}, but this adapter has factors {sorted(factors)}"
-                    + ("" if self.tri else " (set adapter.tri=true for C)")
+                    + ("" if self.tri else " (C exists in a tri adapter: adapter.zero=C)")
                 )
         if not self.trainable:
             raise ValueError("adapter.trainable is empty: nothing would learn")
@@ -58,15 +59,15 @@ class AdapterConfig:
                 f"adapter.shared={self.shared} must be a subset of adapter.trainable={self.trainable}: "
                 "frozen factors are identical everywhere and never sent"
             )
-        if self.zero not in factors:
-            raise ValueError(f"adapter.zero={self.zero!r} is not a factor of this adapter ({sorted(factors)})")
         if self.zero not in self.trainable:
             raise ValueError(
                 f"adapter.zero={self.zero!r} starts at zero but is frozen, so the adapter could never "
                 f"learn (its gradient through the other factors is zero); make it trainable"
             )
-        if self.tri and self.zero != "C":
-            raise ValueError("a tri adapter starts C at zero (adapter.zero=C) so A and B can be non-zero")
+    @property
+    def tri(self) -> bool:
+        """A tri adapter (B C A) is the one whose C starts at zero, so that A and B can be non-zero and frozen."""
+        return self.zero == "C"
 
     @property
     def private(self) -> list[str]:

@@ -10,6 +10,11 @@ from celora.adapters.layer import AdapterLayer, is_adaptable
 PREFIX = "lora_"  # every adapter tensor's name ends in lora_A / lora_B / lora_C
 
 
+def is_factor(name: str) -> bool:
+    """Whether a parameter name is an adapter factor's (A, B or C), not the head's or the backbone's."""
+    return name.rpartition(".")[2].startswith(PREFIX)
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
@@ -72,15 +77,6 @@ def silent_layers(model: nn.Module, trainable) -> list[str]:
             if mine and all(p.grad is None or not bool(p.grad.any()) for p in mine):
                 out.append(name)
     return out
-
-
-def cohort_size(model: nn.Module) -> int | None:
-    """K while a parallel cohort's stacked factors are in the model (see fl.client.stacked), else None."""
-    for layer in adapter_layers(model):
-        k = layer.cohort_size()
-        if k is not None:
-            return k
-    return None
 
 
 def merge(model: nn.Module) -> None:

@@ -150,22 +150,3 @@ class AdapterLayer(nn.Module):
         if self.merged:
             base_weight_matrix(self.base_layer).sub_(self.delta_weight().to(self.base_layer.weight.dtype))
             self.merged = False
-
-
-class StackedLinear(nn.Module):
-    """A linear map with K clients' (weight, bias) along a leading dim: row block k of the input uses client k's.
-
-    Stands in for a trained nn.Linear (the task head) while a cohort trains in parallel.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = weight  # (K, out, in)
-        self.bias = bias  # (K, out) or None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.weight.shape[0]
-        out = torch.matmul(x.reshape(k, -1, x.shape[-1]), self.weight.mT)
-        if self.bias is not None:
-            out = out + self.bias.unsqueeze(1)
-        return out.reshape(*x.shape[:-1], out.shape[-1])

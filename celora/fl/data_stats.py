@@ -1,6 +1,7 @@
-"""Client-side data summaries for data-space similarity: per-class diagonal Gaussians (or GMMs), optionally DP."""
+"""Round 0's data summaries for data-space similarity: per-class diagonal Gaussians (or GMMs), optionally DP."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches
-from celora.similarity import ClassStats, class_gaussians, privatize
+from celora.privacy.stats import privatize
+from celora.seeds import STATS_NOISE, STATS_SUBSAMPLE, derive_seed
+from celora.similarity import ClassStats, class_gaussians
 
 KINDS = ("gaussian", "gmm")
 
@@ -63,6 +66,27 @@ class DataStats:
         if self.kind == "gaussian":
             return class_gaussians(feats, labels, num_classes), None
         return _class_gmms(feats, labels, num_classes, self.components, seed), None
+
+
+@dataclass
+class Collected:
+    """What the clients uploaded before round 1: one summary each (client id = position), its bytes, the DP noise."""
+
+    stats: list[ClassStats]
+    nbytes: int
+    sigma: float | None  # the noise std of the DP release, None without DP
+
+
+def collect(spec: DataStats, model: nn.Module, data: Encoded, rows: Sequence[np.ndarray], collate: Collate,
+            num_classes: int, seed: int, value_bytes: int) -> Collected:
+    """Each client summarises its training rows with the model as it stands (the frozen backbone: C = 0 before
+    round 1), seeded per client; `value_bytes` is the wire size of one value."""
+    stats, sigmas = [], []
+    for i, mine in enumerate(rows):
+        feats, labels = spec.features(model, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i))
+        s, sigma = spec.summarize(feats, labels, num_classes, derive_seed(seed, STATS_NOISE, i))
+        stats.append(s), sigmas.append(sigma)
+    return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), sigmas[0] if sigmas else None)
 
 
 def _class_gmms(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, seed: int) -> ClassStats:

@@ -1,4 +1,4 @@
-"""Accuracy and loss of a model (or of a stacked cohort of models) on held-out indices, and the personal summary."""
+"""The task's scores of a model (or of a stacked cohort of models) on held-out indices, and the personal summary."""
 from __future__ import annotations
 
 import math
@@ -6,43 +6,39 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches
-
-
-def _widened(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in at least fp32 for the loss (half-precision logits lose the loss's small differences)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+from celora.tasks import Task
+from celora.tasks.classify import Classify
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int,
-             collate: Collate) -> tuple[float, float, int]:
-    """(accuracy, mean cross-entropy, number of examples)."""
+def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int, collate: Collate,
+             task: Task | None = None) -> tuple[float, float, int]:
+    """(accuracy, mean loss, number of examples) under `task` (default: classification)."""
+    task = task or Classify()
     model.eval()
     device = next(model.parameters()).device
     correct, loss, n = 0, 0.0, 0
     for batch in eval_batches(data, indices, batch_size, collate):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch)
-        loss += F.cross_entropy(_widened(logits), labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        n += len(labels)
+        scores = task.scores(model, {k: v.to(device) for k, v in batch.items()})
+        loss += scores["loss"][0].item()
+        correct += scores["correct"][0].item()
+        n += int(scores["examples"][0])
     return correct / max(n, 1), loss / max(n, 1), n
 
 
 @torch.no_grad()
 def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[int]], batch_size: int,
-                    collate: Collate) -> list[tuple[float, float, int]]:
+                    collate: Collate, task: Task | None = None) -> list[tuple[float, float, int]]:
     """evaluate() for K clients at once: the model holds their K stacked states, client k sees indices[k].
 
     Each pass takes the next block of ceil(batch_size / K) examples of every client's length-sorted
     split (about batch_size rows in all); clients with fewer left fill their block with a repeat
     of a real row that is not counted.
     """
+    task = task or Classify()
     model.eval()
     device = next(model.parameters()).device
     k = len(indices)
@@ -55,13 +51,9 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
         rows = [o[start:start + block].tolist() for o in order]
         valid = torch.tensor([[j < len(r) for j in range(block)] for r in rows])
         batch = collate([data[i] for r in rows for i in r + [filler] * (block - len(r))])
-        batch = {name: v.to(device) for name, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch)
-        ce = F.cross_entropy(_widened(logits), labels, reduction="none").view(k, block).cpu().double()
-        hit = (logits.argmax(-1) == labels).view(k, block).cpu()
-        loss += (ce * valid).sum(1)
-        correct += (hit & valid).sum(1)
+        scores = task.scores(model, {name: v.to(device) for name, v in batch.items()}, clients=k, valid=valid)
+        loss += scores["loss"]
+        correct += scores["correct"]
     sizes = [len(o) for o in order]
     return [(correct[c].item() / max(n, 1), loss[c].item() / max(n, 1), n) for c, n in enumerate(sizes)]
 

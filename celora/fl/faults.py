@@ -7,17 +7,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-State = dict[str, torch.Tensor]
+from celora.tensors import State, global_norm
 
 
 def nonfinite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the tensors holding a NaN or an infinity."""
     return [n for n, t in state.items() if not bool(torch.isfinite(t).all())]
-
-
-def update_norm(upload: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm of upload - received over all tensors, in float64."""
-    return math.sqrt(sum(float((upload[n].double() - received[n].double()).pow(2).sum()) for n in upload))
 
 
 def outliers(norms: Mapping[int, float], max_ratio: float | None) -> dict[int, str]:
@@ -50,6 +45,6 @@ def screen(uploads: Mapping[int, State], privates: Mapping[int, State], received
             rejected[i] = f"non-finite values in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
         elif losses is not None and not math.isfinite(losses[i]):
             rejected[i] = f"non-finite training loss {losses[i]}"
-    norms = {i: update_norm(uploads[i], received[i]) for i in uploads if i not in rejected and uploads[i]}
+    norms = {i: global_norm(uploads[i], minus=received[i]) for i in uploads if i not in rejected and uploads[i]}
     rejected.update(outliers(norms, max_norm_ratio))
     return dict(sorted(rejected.items()))

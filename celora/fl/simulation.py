@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,135 +15,55 @@ from tqdm.auto import tqdm
 from celora.adapters import silent_layers
 from celora.data.batches import Collate, Encoded, train_loader
 from celora.fl import faults
-from celora.fl.aggregators import FedAvg
-from celora.fl.client import set_trainable, stacked, train_cohort, train_local
-from celora.fl.evaluation import evaluate, evaluate_cohort, personal_summary
+from celora.fl.aggregators import Aggregator
+from celora.fl.client import Fitting, set_trainable
+from celora.fl.cohorts import plan
+from celora.fl.config import ClientConfig, FLConfig
+from celora.fl.data_stats import collect
+from celora.fl.evaluation import evaluate, personal_summary
+from celora.fl.participants import Clients, Pooled
 from celora.fl.wire import SEED_BYTES, Exchange, Payload
-from celora.privacy.dp import NoPrivacy
-from celora.similarity import data_distance
+from celora.privacy.dp import NoPrivacy, Privacy
+from celora.seeds import BATCHES, DROPOUT, SAMPLING, UPLOAD_NOISE, derive_seed
+from celora.similarity import ClassStats
+from celora.tasks import Task
+from celora.tasks.classify import Classify
+from celora.tensors import State, load, snapshot
 
-State = dict[str, torch.Tensor]
-ON_CLIENT_ERROR = ("skip", "raise")
 log = logging.getLogger("celora")
-
-
-@dataclass
-class FLConfig:
-    num_clients: int = 10
-    rounds: int = 15
-    sample_fraction: float = 0.5
-    eval_every: int = 1
-    wire_dtype: torch.dtype = torch.float32
-    max_update_norm_ratio: float | None = None  # reject an update this many times the round's median norm
-    on_client_error: str = "skip"  # skip: a client whose training raises is left out of the round | raise
-
-    def __post_init__(self):
-        for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
-            if getattr(self, key) < low:
-                raise ValueError(f"fl.{key} must be >= {low}, got {getattr(self, key)}")
-        if not 0 < self.sample_fraction <= 1:
-            raise ValueError(f"fl.sample_fraction must be in (0, 1], got {self.sample_fraction}")
-        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 1:
-            raise ValueError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
-                             f"got {self.max_update_norm_ratio}")
-        if self.on_client_error not in ON_CLIENT_ERROR:
-            raise ValueError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
-
-    @property
-    def clients_per_round(self) -> int:
-        return max(1, round(self.sample_fraction * self.num_clients))
-
-
-@dataclass
-class ClientConfig:
-    optimizer: Callable  # params -> torch.optim.Optimizer (Hydra `_partial_`)
-    local_steps: int = 10
-    batch_size: int = 16
-    eval_batch_size: int = 128
-    grad_clip: float | None = 1.0
-    max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
-
-    def __post_init__(self):
-        for key in ("local_steps", "batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"client.{key} must be >= 1, got {getattr(self, key)}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
-        if self.max_epochs is not None and self.max_epochs <= 0:
-            raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
-
-    def steps(self, base: int, examples: int) -> int:
-        """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1)."""
-        if self.max_epochs is None:
-            return base
-        return max(1, min(base, math.floor(self.max_epochs * examples / self.batch_size)))
-
-
-@dataclass
-class ClientState:
-    """A client is the small set of tensors that are its own; the backbone is shared."""
-
-    train: np.ndarray
-    test: np.ndarray
-    private: State = field(default_factory=dict)
-
-
-def snapshot(model: nn.Module, names) -> State:
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().to("cpu", copy=True) for n in names}
-
-
-@torch.no_grad()
-def load(model: nn.Module, state: State) -> None:
-    params = dict(model.named_parameters())
-    for n, t in state.items():
-        params[n].copy_(t)
-
-
-def derive_seed(*parts: int) -> int:
-    """Independent 63-bit seeds for each (purpose, round, client) from the run's one seed."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def check_cohort_size(cohort_size) -> None:
-    if not (cohort_size is None or cohort_size == "all" or
-            (isinstance(cohort_size, int) and not isinstance(cohort_size, bool) and cohort_size >= 1)):
-        raise ValueError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
 
 
 class Simulation:
     """All clients in one process on one shared backbone.
 
-    `cohort_size=None` trains them one after another on the model's own tensors; an integer K
-    (or "all": every client of the round) trains cohorts of K clients in one batched pass, their
-    trainable tensors stacked along a leading client dim (see client.train_cohort), and evaluates
-    personal models the same way. Both give the same numbers.
+    Two choices are made once, here: who trains (every client on its own rows, or, for the
+    centralized reference, one trainer on the pooled rows: `fl.participants`), and how a pass over
+    clients is grouped (`cohort_size=None` one after another on the model's own tensors; an integer K,
+    or "all", K clients stacked in one batched pass: `fl.cohorts`). Both groupings give the same
+    numbers where nothing random depends on the batch's shape (every dropout off, docs/parallel.md).
     """
 
-    def __init__(self, model: nn.Module, exchange: Exchange, aggregator: FedAvg, train: Encoded,
+    def __init__(self, model: nn.Module, exchange: Exchange, aggregator: Aggregator, train: Encoded,
                  test: Encoded, splits, fl: FLConfig, client: ClientConfig, seed: int, collate: Collate,
                  log: Callable[[dict], None] = lambda row: None,
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
                  num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
-                 cohort_size: int | str | None = None, privacy: Callable | None = None):
-        check_cohort_size(cohort_size)
+                 cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None):
+        self.cohorts = plan(cohort_size)
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
         self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
-        self.num_classes = num_classes
-        self.data_distance: torch.Tensor | None = None
-        self.accelerator, self.progress, self.cohort_size = accelerator, progress, cohort_size
-        self.privacy = privacy or NoPrivacy()  # (uploads, received, sizes, generator) -> (uploads, metrics)
+        self.num_classes, self.progress = num_classes, progress
+        self.fitting = Fitting(task or Classify(), client.optimizer, client.grad_clip, accelerator)
+        self.privacy = privacy or NoPrivacy()
         initial = snapshot(model, exchange.trainable)
-        self.clients = [ClientState(s.train, s.test, {n: initial[n] for n in exchange.private}) for s in splits]
-        if aggregator.pooled:  # one model on the union of the clients' training data
-            pooled = np.concatenate([s.train for s in splits])
-            self.trainers = [ClientState(pooled, np.array([], dtype=int), dict(self.clients[0].private))]
-        else:
-            self.trainers = self.clients
+        private = {n: initial[n] for n in exchange.private}
+        self.participants = (Pooled if aggregator.pooled else Clients)(splits, private)
+        self.clients, self.trainers = self.participants.clients, self.participants.trainers
         self.global_state: State = {n: initial[n] for n in exchange.shared}
         self.personal: dict[int, State] = {}
-        self.sampler = np.random.default_rng([seed, 1])
+        self.data_stats: list[ClassStats] | None = None  # what the clients summarised before round 1
+        self.sampler = np.random.default_rng([seed, SAMPLING])
         self.cum = {"up": 0, "down": 0}
         self.completed = -1  # the last round done (0: the round-0 evaluation)
         self.gradients_checked = False  # the first local backward pass looks for adapters that get no gradient
@@ -164,7 +83,7 @@ class Simulation:
             "private": [t.private for t in self.trainers],
             "sampler": json.dumps(self.sampler.bit_generator.state),  # 128-bit ints as text
             "cum": dict(self.cum),
-            "data_distance": self.data_distance,
+            "data_stats": None if self.data_stats is None else [vars(s) for s in self.data_stats],
             "privacy": self.privacy.state_dict(),
         }
 
@@ -184,47 +103,31 @@ class Simulation:
             trainer.private = private
         self.sampler.bit_generator.state = json.loads(state["sampler"])
         self.cum = dict(state["cum"])
-        self.data_distance = state["data_distance"]
+        if state["data_stats"] is not None:  # the server learns again what it learnt before round 1
+            self.data_stats = [ClassStats(**s) for s in state["data_stats"]]
+            self.aggregator.prepare(self.data_stats)
         self.privacy.load_state_dict(state["privacy"])
 
     # -- one round ---------------------------------------------------------------------------
     def sample(self) -> list[int]:
-        if self.aggregator.pooled:
-            return [0]
-        k = self.fl.clients_per_round
-        return sorted(self.sampler.choice(self.fl.num_clients, size=k, replace=False).tolist())
-
-    def cohorts(self, ids: list[int]) -> list[list[int]]:
-        """The round's clients in training groups: one at a time (sequential), or K at a time."""
-        if self.cohort_size is None:
-            return [[i] for i in ids]
-        k = len(ids) if self.cohort_size == "all" else self.cohort_size
-        return [ids[j:j + k] for j in range(0, len(ids), k)]
+        return self.participants.sample(self.sampler, self.fl.clients_per_round)
 
     def local_steps(self, i: int) -> int:
-        base = self.client.local_steps * (self.fl.clients_per_round if self.aggregator.pooled else 1)
+        base = self.participants.base_steps(self.client.local_steps, self.fl.clients_per_round)
         return self.client.steps(base, len(self.trainers[i].train))
 
     def _batches(self, rnd: int, i: int):
         return train_loader(self.train_data, self.trainers[i].train, self.client.batch_size, self.local_steps(i),
-                            derive_seed(self.seed, 4, rnd, i), self.collate)
+                            derive_seed(self.seed, BATCHES, rnd, i), self.collate)
 
     def train_clients(self, rnd: int, cohort: list[int], received: dict[int, State]) -> list[tuple[float, State]]:
         """Local training of one cohort from what each client received; (mean loss, trained tensors) each."""
-        ex, opt, clip = self.exchange, self.client.optimizer, self.client.grad_clip
         starts = [{**received[i], **self.trainers[i].private} for i in cohort]
-        torch.manual_seed(derive_seed(self.seed, 3, rnd, cohort[0]))  # dropout, identical across runs
+        torch.manual_seed(derive_seed(self.seed, DROPOUT, rnd, cohort[0]))  # dropout, identical across runs
         check = None if self.gradients_checked else self.warn_silent_adapters
         self.gradients_checked = True
-        if self.cohort_size is None:
-            load(self.model, starts[0])
-            loss = train_local(self.model, ex.trainable, self._batches(rnd, cohort[0]), opt,
-                               grad_clip=clip, accelerator=self.accelerator, on_first_backward=check)
-            return [(loss, snapshot(self.model, ex.trainable))]
-        losses, states = train_cohort(self.model, ex.trainable, starts, [self._batches(rnd, i) for i in cohort],
-                                      [self.local_steps(i) for i in cohort], opt, pad_id=self.collate.pad_id,
-                                      grad_clip=clip, accelerator=self.accelerator, on_first_backward=check)
-        return list(zip(losses, states))
+        return self.cohorts.train(self.model, self.exchange.trainable, starts, [self._batches(rnd, i) for i in cohort],
+                                  [self.local_steps(i) for i in cohort], self.fitting, self.collate.pad_id, check)
 
     def warn_silent_adapters(self, model: nn.Module) -> None:
         """Warns (once a run) of adapted modules whose trainable factors got no gradient in the first local
@@ -274,7 +177,7 @@ class Simulation:
             downlink = Payload.pack(self.personal.get(i, self.global_state), ex.shared, dtype)
             down += downlink.nbytes
             received[i] = downlink.unpack()
-        for cohort in self.cohorts(sampled):
+        for cohort in self.cohorts.groups(sampled):
             done, bad = self.train_guarded(rnd, cohort, received)
             trained.update(done), failed.update(bad)
         if failed and not trained:  # a fault in every client is a fault of the run, not of a client
@@ -296,9 +199,9 @@ class Simulation:
         uploads = {i: uploads[i] for i in accepted}
         sizes = {i: len(self.trainers[i].train) for i in accepted}
         uploads, dp_metrics = self.privacy(uploads, received, sizes,
-                                           torch.Generator().manual_seed(derive_seed(self.seed, 9, rnd)))
+                                           torch.Generator().manual_seed(derive_seed(self.seed, UPLOAD_NOISE, rnd)))
         if uploads:  # with every client rejected the server keeps its state
-            result = self.aggregator(uploads, sizes, received, data_distance=self.data_distance)
+            result = self.aggregator(uploads, sizes, received)
             self.global_state = result.global_state if ex.shared else self.global_state
             self.personal.update(result.personal)  # clients not sampled keep their last personal state
             if result.weights is not None:
@@ -309,58 +212,43 @@ class Simulation:
 
     # -- data-space summaries (once, before round 1) ---------------------------------------
     def upload_data_stats(self) -> dict:
-        """Each client summarises its training data with the frozen backbone; the server compares them."""
+        """Each client summarises its training data with the frozen backbone (fl.data_stats); the aggregator
+        receives the summaries (its `prepare`) and returns what to log of them."""
         spec = self.aggregator.data_stats
         if spec is None:
             return {}
         load(self.model, self.global_state)
-        stats, sigmas, up = [], [], 0
         value_bytes = torch.tensor([], dtype=self.fl.wire_dtype).element_size()
-        for i, c in enumerate(self.clients):
-            feats, labels = spec.features(self.model, self.train_data, c.train, self.collate,
-                                          derive_seed(self.seed, 5, i))
-            s, sigma = spec.summarize(feats, labels, self.num_classes, derive_seed(self.seed, 6, i))
-            stats.append(s), sigmas.append(sigma)
-            up += s.nbytes(value_bytes)
-        self.data_distance = data_distance(stats, self.aggregator.bandwidth).float()
+        collected = collect(spec, self.model, self.train_data, [c.train for c in self.clients], self.collate,
+                            self.num_classes, self.seed, value_bytes)
+        self.data_stats = collected.stats
         ids = list(range(len(self.clients)))
-        self.log_matrix("data_distance", 0, ids, self.data_distance)
-        out = {"comm/up_bytes": up}
-        if sigmas[0] is not None:
-            out["privacy/stats_sigma"] = sigmas[0]
+        for name, matrix in self.aggregator.prepare(collected.stats).items():
+            self.log_matrix(name, 0, ids, matrix)
+        out = {"comm/up_bytes": collected.nbytes}
+        if collected.sigma is not None:
+            out["privacy/stats_sigma"] = collected.sigma
         return out
 
     # -- evaluation --------------------------------------------------------------------------
-    def global_model_state(self) -> State | None:
-        """The one model everybody shares, if there is one (none when tensors stay private)."""
-        if self.aggregator.pooled:
-            return self.trainers[0].private
-        return self.global_state if not self.exchange.private else None
-
     def personal_state(self, i: int) -> State:
         """Client i's own model: what it last received (or the global state) and its private tensors."""
-        own = self.trainers[0].private if self.aggregator.pooled else self.clients[i].private
-        return {**self.personal.get(i, self.global_state), **own}
+        return {**self.personal.get(i, self.global_state), **self.participants.own(i)}
 
     def evaluate(self) -> dict:
         bs, out = self.client.eval_batch_size, {}
-        state = self.global_model_state()
-        if state is not None:
+        state = self.participants.global_model(self.global_state, self.exchange.private)
+        if state is not None:  # one model: evaluated on its own tensors in either grouping
             load(self.model, state)
-            acc, loss, _ = evaluate(self.model, self.test_data, range(len(self.test_data)), bs, self.collate)
-            out.update({"global/acc": acc, "global/loss": loss})
+            out["global/acc"], out["global/loss"], _ = evaluate(self.model, self.test_data, range(len(self.test_data)),
+                                                                bs, self.collate, self.fitting.task)
         else:
             out.update({"global/acc": math.nan, "global/loss": math.nan})
         results = []
-        for cohort in self.cohorts(list(range(len(self.clients)))):
-            states = [self.personal_state(i) for i in cohort]
-            if self.cohort_size is None:
-                load(self.model, states[0])
-                results.append(evaluate(self.model, self.train_data, self.clients[cohort[0]].test, bs, self.collate))
-                continue
-            with stacked(self.model, states):
-                results += evaluate_cohort(self.model, self.train_data, [self.clients[i].test for i in cohort],
-                                           bs, self.collate)
+        for cohort in self.cohorts.groups(list(range(len(self.clients)))):
+            results += self.cohorts.evaluate(self.model, self.fitting, self.train_data,
+                                             [self.personal_state(i) for i in cohort],
+                                             [self.clients[i].test for i in cohort], bs, self.collate)
         accs, losses, sizes = (list(x) for x in zip(*results))
         out.update(personal_summary(accs, sizes))
         out["personal/loss"] = float(np.average(losses, weights=sizes))

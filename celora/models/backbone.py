@@ -1,8 +1,62 @@
-"""What every backbone loader shares: the dtype its weights are held in and the dropout it trains with."""
+"""The backbone interface, and what every loader shares: default targets, the weights' dtype, the dropout."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
+
+# Modules adapted by default, by `model_type` (LoRA's usual query + value attention projections).
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value to q_proj/v_proj
+    "clip": ["q_proj", "v_proj"],  # both towers
+    "clip_vision_model": ["q_proj", "v_proj"],
+    "clip_text_model": ["q_proj", "v_proj"],
+    # EfficientNet-Lite: the pointwise (1x1) convolutions of every MBConv block, `_expand_conv` (C -> 6C,
+    # absent in block 0) and `_project_conv` (6C -> C'): 31 layers.
+    "efficientnet_lite": ["_expand_conv", "_project_conv"],
+}
+
+
+class Backbone(Protocol):
+    """A loaded pretrained (or tiny random) network and what the run needs of it (`model` config group).
+
+    Subclass it for `default_targets`; a new architecture is a loader function returning one of these
+    and a YAML under conf/model/ naming the loader (`_target_`), with its `dtype` and `dropout` keys.
+    """
+
+    model_type: str  # transformers' config.model_type, or the family's own name: picks DEFAULT_TARGETS
+
+    @property
+    def default_targets(self) -> list[str] | None:
+        """The modules adapted when adapter.targets is null."""
+        return DEFAULT_TARGETS.get(self.model_type)
+
+    def data_args(self) -> dict:
+        """What the dataset loader needs from the model: a tokenizer and max_length, or an image_size."""
+        ...
+
+    def collate(self) -> Callable[[list], dict[str, torch.Tensor]]:
+        """Rows of the encoded data -> a batch of model inputs with `labels` (with a `pad_id` for cohorts)."""
+        ...
+
+    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> nn.Module:
+        """The frozen backbone under the task's trainable head (seeded), as one module whose forward maps a
+        batch's inputs to logits and whose `features(**inputs)` gives what the head sees (the data
+        statistics' input)."""
+        ...
 
 # fp64 is for numerical checks (the equivalence tests compare simulation paths in it); fp32 is the default.
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from celora.models.backbone import Backbone
+
 POOLINGS = ("mean", "cls", "last")
 
 
@@ -21,6 +23,19 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
         idx = (mask.long().cumsum(1).argmax(1))
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
+
+
+class HeadOnTop(Backbone):
+    """A backbone whose classifier is a seeded linear head on its pooled hidden states (text and image
+    encoders); the dataclasses that subclass it hold `backbone`, `hidden_size` and `pooling`."""
+
+    backbone: nn.Module
+    hidden_size: int
+    pooling: str
+
+    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
+        """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""
+        return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
 
 
 class Classifier(nn.Module):

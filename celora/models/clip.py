@@ -11,10 +11,9 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from celora.adapters import cohort_size
-from celora.data.batches import ImageCollate
 from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
-from celora.models.text import DEFAULT_TARGETS, minilm_folder
-from celora.models.vision import processor_stats
+from celora.models.text import minilm_folder
+from celora.models.vision import PixelInputs, processor_stats
 
 transformers.logging.set_verbosity_error()
 
@@ -68,9 +67,9 @@ class ZeroShotClassifier(nn.Module):
 
 
 @dataclass
-class ClipModel:
-    """A loaded CLIP model, its tokenizer and image preprocessing; `classifier()` builds the zero-shot
-    classifier over the task's class prompts (`prompt` with `{label}` replaced by each label name)."""
+class ClipModel(PixelInputs):
+    """A loaded CLIP model (a `Backbone`), its tokenizer and image preprocessing; `classifier()` builds the
+    zero-shot classifier over the task's class prompts (`prompt` with `{label}` replaced by each label name)."""
 
     model: CLIPModel
     tokenizer: object
@@ -86,14 +85,8 @@ class ClipModel:
             raise ValueError(f"model.prompt={self.prompt!r} must contain {{label}}, e.g. {PROMPT!r}")
 
     @property
-    def default_targets(self) -> list[str] | None:
-        return DEFAULT_TARGETS.get(self.model_type)  # q_proj, v_proj: both towers
-
-    def data_args(self) -> dict:
-        return {"image_size": self.image_size}
-
-    def collate(self) -> ImageCollate:
-        return ImageCollate(self.mean, self.std, self.channels, self.model.dtype)
+    def weights(self) -> nn.Module:
+        return self.model
 
     def prompts(self, label_names: list[str]) -> list[str]:
         return [self.prompt.format(label=name) for name in label_names]

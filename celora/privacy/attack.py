@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.func import functional_call
 
-State = dict[str, Tensor]
+from celora.tensors import State
 
 
 def local_update(model: nn.Module, names: list[str], inputs: dict[str, Tensor], labels: Tensor, steps: int,

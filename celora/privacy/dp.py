@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from opacus.accountants import RDPAccountant
 from torch import Tensor
 
-State = dict[str, Tensor]
+from celora.tensors import State, global_norm
+
 MODES = ("central", "local")
-
-
-def global_norm(update: Mapping[str, Tensor]) -> float:
-    """L2 norm of all tensors of an update taken together, in float64."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
 
 
 def clip_update(update: Mapping[str, Tensor], clip_norm: float) -> tuple[State, float]:
@@ -44,7 +41,23 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return float(accountant.get_epsilon(delta))
 
 
-class NoPrivacy:
+class Privacy(Protocol):
+    """What protects a round's uploads before the server aggregates them (`privacy` config group)."""
+
+    active: bool  # False: it changes nothing (then it fits every aggregator)
+    mode: str | None  # central | local | None: where the noise is drawn, which decides what it covers
+
+    def __call__(self, uploads: dict[int, State], received: dict[int, State], sizes: dict[int, int],
+                 generator: torch.Generator) -> tuple[dict[int, State], dict]:
+        """(uploads to aggregate, this round's privacy metrics)."""
+        ...
+
+    def state_dict(self) -> dict: ...  # the accountant's state, for resuming
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NoPrivacy(Privacy):
     """Uploads pass through unchanged and nothing is reported (same call as ClientDP)."""
 
     active = False  # changes nothing, so it fits every aggregator
@@ -63,7 +76,7 @@ class NoPrivacy:
         return uploads, {}
 
 
-class ClientDP:
+class ClientDP(Privacy):
     """User-level DP-FedAvg (McMahan et al., 2018): each client's update clipped to S, Gaussian noise std sigma*S.
 
     An update is upload - received: the model the server sent is public, so clipping and noise act

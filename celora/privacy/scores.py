@@ -7,7 +7,10 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 
 def token_f1(recovered: Sequence[Sequence[int]], original: Sequence[Sequence[int]],

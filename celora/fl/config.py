@@ -1,0 +1,67 @@
+"""The federation's settings (`fl.*`) and each client's (`client.*`), as typed values that check themselves."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ON_CLIENT_ERROR = ("skip", "raise")
+
+
+@dataclass
+class FLConfig:
+    num_clients: int = 10
+    rounds: int = 15
+    sample_fraction: float = 0.5
+    eval_every: int = 1
+    wire_dtype: torch.dtype = torch.float32
+    max_update_norm_ratio: float | None = None  # reject an update this many times the round's median norm
+    on_client_error: str = "skip"  # skip: a client whose training raises is left out of the round | raise
+
+    def __post_init__(self):
+        for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"fl.{key} must be >= {low}, got {getattr(self, key)}")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"fl.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 1:
+            raise ValueError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
+                             f"got {self.max_update_norm_ratio}")
+        if self.on_client_error not in ON_CLIENT_ERROR:
+            raise ValueError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.sample_fraction * self.num_clients))
+
+
+@dataclass
+class ClientConfig:
+    """`client.*` (instantiated by Hydra): how each client trains locally and evaluates."""
+
+    optimizer: Callable  # params -> torch.optim.Optimizer (Hydra `_partial_`)
+    local_steps: int = 10
+    batch_size: int = 16
+    eval_batch_size: int = 128
+    lr: float | None = None  # the optimizer's learning rate (its config node reads ${client.lr}); checked here
+    grad_clip: float | None = 1.0
+    max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
+
+    def __post_init__(self):
+        for key in ("local_steps", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"client.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"client.lr={self.lr} must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
+
+    def steps(self, base: int, examples: int) -> int:
+        """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1)."""
+        if self.max_epochs is None:
+            return base
+        return max(1, min(base, math.floor(self.max_epochs * examples / self.batch_size)))

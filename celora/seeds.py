@@ -1,0 +1,18 @@
+"""Every random draw of a run comes from its one seed: an independent seed per (purpose, round, client)."""
+from __future__ import annotations
+
+import numpy as np
+
+# Purposes: the first part after the run's seed, so no two kinds of draw ever share a stream.
+SAMPLING = 1  # which clients take part in each round (one generator for the run: np.random.default_rng([seed, 1]))
+FROZEN_FACTORS = 2  # the 64-bit seed the server sends once; every client rebuilds the frozen factors from it
+DROPOUT = 3  # the global generator before a cohort trains (round, first client of the cohort)
+BATCHES = 4  # each client's batch order (round, client)
+STATS_SUBSAMPLE = 5  # the examples a client summarises for data-space similarity (client)
+STATS_NOISE = 6  # the DP noise on those summaries (client)
+UPLOAD_NOISE = 9  # the DP noise on a round's uploads (round)
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent 63-bit seed for the given parts, e.g. derive_seed(seed, BATCHES, round, client)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
