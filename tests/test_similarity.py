@@ -23,6 +23,8 @@ from celora.similarity import (
     softmax_weights,
 )
 
+from tolerance import assert_deep_close, deep_approx, gamma, simplex_sum_tol
+
 F64 = torch.float64
 
 
@@ -66,6 +68,16 @@ def _mmd2_linear(x, y, length):
 # --- class summaries -------------------------------------------------------------------------
 
 
+def _moment_tols(x):
+    """How far two float64 evaluations, in any order, of the per-feature mean and (divide by n) variance of
+    x [n, d] can be apart. The mean: an n-term sum and a division, gamma(n + 1) mean|x| each. The variance,
+    centred or as E[x^2] - mean^2: at most 2n + 3 roundings on terms of size mean(x^2), gamma(2n + 3) 2 mean(x^2)
+    each. Two evaluations: twice each bound."""
+    n = x.shape[0]
+    return 2 * gamma(n + 1, x.dtype) * x.abs().mean(0), 4 * gamma(2 * n + 3, x.dtype) * (x**2).mean(0)
+
+
+
 def test_class_gaussians_matches_numpy_and_handles_tiny_classes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=g, dtype=F64) * 3 + 10
@@ -74,9 +86,10 @@ def test_class_gaussians_matches_numpy_and_handles_tiny_classes():
 
     assert stats.counts.tolist() == [25.0, 0.0, 14.0, 1.0]
     for c in (0, 2):
-        xc = x[labels == c].numpy()
-        np.testing.assert_allclose(stats.means[c].numpy(), xc.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(stats.vars[c].numpy(), xc.var(0), rtol=1e-10)
+        xc = x[labels == c]
+        mean_tol, var_tol = _moment_tols(xc)
+        assert ((stats.means[c] - torch.from_numpy(xc.numpy().mean(0))).abs() <= mean_tol).all()
+        assert ((stats.vars[c] - torch.from_numpy(xc.numpy().var(0))).abs() <= var_tol).all()
     assert torch.equal(stats.means[3], x[-1])
     assert torch.all(stats.vars[1] == 1e-6) and torch.all(stats.vars[3] == 1e-6)
 
@@ -90,8 +103,10 @@ def test_from_sufficient_agrees_with_direct_moments():
     onehot = torch.nn.functional.one_hot(labels, 4).double()
     via = ClassStats.from_sufficient(onehot.sum(0), onehot.T @ x, onehot.T @ x**2)
     assert torch.equal(via.counts, direct.counts)
-    assert torch.allclose(via.means, direct.means, atol=1e-14)
-    assert torch.allclose(via.vars, direct.vars, atol=1e-12)
+    for c in (0, 1, 3):
+        mean_tol, var_tol = _moment_tols(x[labels == c])
+        assert ((via.means[c] - direct.means[c]).abs() <= mean_tol).all()
+        assert ((via.vars[c] - direct.vars[c]).abs() <= var_tol).all()
 
 
 def test_nbytes_counts_counts_means_and_vars():
@@ -113,6 +128,7 @@ def test_bad_labels_and_shapes_are_rejected():
 
 def test_gaussian_mechanism_sigma_matches_hand_computation():
     # ln(1.25 / 1e-5) = ln(125,000) = 11.7360690; sqrt(2 x 11.7360690) = 4.8448053; / 0.5 = 9.6896105.
+    # (rel=1e-7: the hand computation keeps 8 significant digits, so it is within 5e-8 relatively)
     assert gaussian_mechanism_sigma(0.5, 1e-5, 1.0) == pytest.approx(9.6896105, rel=1e-7)
     # Linear in the sensitivity and in 1 / epsilon.
     assert gaussian_mechanism_sigma(0.25, 1e-5, 3.0) == pytest.approx(6 * 9.6896105, rel=1e-7)
@@ -139,12 +155,17 @@ def test_clip_rows_bounds_norms_and_keeps_short_rows():
     x = torch.randn(200, 6, generator=g, dtype=F64) * torch.logspace(-2, 1, 200, dtype=F64)[:, None]
     clipped = clip_rows(x, 1.5)
     norms, clipped_norms = x.norm(dim=1), clipped.norm(dim=1)
-    assert torch.all(clipped_norms <= 1.5 + 1e-12)
+    # x 1.5 / |x|: |x| and the clipped norm each within gamma(d + 3) relatively (d squares, a root, a
+    # quotient, a product), so the clipped norm is 1.5 within 2 gamma(d + 3) of 1.5
+    rel = 2 * gamma(x.shape[1] + 3, F64)
+    assert torch.all(clipped_norms <= 1.5 * (1 + rel))
     short = norms <= 1.5
     assert torch.equal(clipped[short], x[short])
-    assert torch.allclose(clipped_norms[~short], torch.full_like(clipped_norms[~short], 1.5))
-    # Direction is kept: the clipped rows are positive multiples of the originals.
-    assert torch.allclose(torch.nn.functional.cosine_similarity(clipped, x), torch.ones(200, dtype=F64))
+    assert torch.all((clipped_norms[~short] - 1.5).abs() <= 1.5 * rel)
+    # Direction is kept: the clipped rows are positive multiples of the originals (a dot product and two
+    # norms of d terms, each clipped element one rounding off: within gamma(3d + 6) of 1)
+    cos = torch.nn.functional.cosine_similarity(clipped, x)
+    assert torch.all((cos - 1).abs() <= gamma(3 * x.shape[1] + 6, F64))
     assert torch.equal(clip_rows(torch.zeros(1, 3), 1.0), torch.zeros(1, 3, dtype=F64))
 
 
@@ -163,7 +184,7 @@ def test_privatize_noise_std_matches_sigma():
         noise.append(torch.cat([(stats.counts - per_class)[:, None], stats.means * stats.counts[:, None]], 1))
     noise = torch.stack(noise)
     # Sensitivity sqrt(1 + R^2 + R^4) = sqrt(3) at R = 1: 9.6896105 x 1.7320508 = 16.7828977.
-    assert sigma == pytest.approx(16.7828977, rel=1e-7)
+    assert sigma == pytest.approx(16.7828977, rel=1e-7)  # 8 significant digits by hand
     assert noise.std().item() == pytest.approx(sigma, rel=0.04)
     assert abs(noise.mean().item()) < 4 * sigma / math.sqrt(noise.numel())
 
@@ -175,15 +196,20 @@ def test_privatize_is_seeded_clipped_and_near_exact_with_little_noise():
     a, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9))
     b, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9))
     assert torch.equal(a.means, b.means) and torch.equal(a.vars, b.vars) and torch.equal(a.counts, b.counts)
-    assert torch.all(a.means.norm(dim=1) <= 1.0 + 1e-12) and torch.all(a.vars <= 1.0)
+    # means projected into the unit ball: within 2 gamma(d + 3) of norm 1 (test_clip_rows_bounds_norms...)
+    assert torch.all(a.means.norm(dim=1) <= 1.0 + 2 * gamma(5 + 3, F64)) and torch.all(a.vars <= 1.0)
     assert torch.all(a.counts >= 1e-3)
     # With negligible noise the release is the class summary of the clipped features.
     quiet, sigma = privatize(x, labels, 3, 1.0, 1e9, 0.5, torch.Generator().manual_seed(9))
     exact = class_gaussians(clip_rows(x, 1.0), labels, 3)
     assert sigma < 1e-8
-    assert torch.allclose(quiet.counts, exact.counts, atol=1e-6)
-    assert torch.allclose(quiet.means, exact.means, atol=1e-6)
-    assert torch.allclose(quiet.vars, exact.vars, atol=1e-6)
+    # Each released count, sum and sum of squares moves by its noise, within 6 sigma (2e-9 a value to be
+    # beyond), and a mean or variance (a quotient by a count >= 1 of values of size <= R^2 = 1) by at most
+    # 4 such moves; on top, the variance as E[x^2] - mean^2 against centred (see _moment_tols).
+    noise = 4 * 6 * sigma
+    assert torch.all((quiet.counts - exact.counts).abs() <= 6 * sigma)
+    assert torch.all((quiet.means - exact.means).abs() <= noise + 2 * gamma(len(x) + 1, F64))
+    assert torch.all((quiet.vars - exact.vars).abs() <= noise + 4 * gamma(2 * len(x) + 3, F64))
 
 
 # --- closed-form kernel and MMD --------------------------------------------------------------
@@ -202,7 +228,8 @@ def test_log_expected_kernel_equals_the_matrix_formula_and_broadcasts():
             s, mu = torch.diag(v1[a] + v2[b]), m1[a] - m2[b]
             direct = (torch.linalg.det(eye + s / length**2) ** -0.5
                       * torch.exp(-0.5 * mu @ torch.linalg.solve(s + length**2 * eye, mu)))
-            assert table[a, b].exp().item() == pytest.approx(direct.item(), rel=1e-12)
+            # two closed forms, one through a 4 x 4 determinant and solve: DEEP roundings (tests/tolerance.py)
+            assert table[a, b].exp().item() == deep_approx(direct.item())
 
 
 def test_log_expected_kernel_matches_sampling():
@@ -248,7 +275,8 @@ def test_mmd2_is_zero_for_identical_stats_and_symmetric():
     a, b = _random_stats(g), _random_stats(g)
     assert mmd2_mixtures(a, a, 1.0) == 0.0
     assert mmd2_mixtures(a, b, 1.0) > 0.0
-    assert mmd2_mixtures(a, b, 1.0) == pytest.approx(mmd2_mixtures(b, a, 1.0), rel=1e-12)
+    # the same sums of kernels (each <= 1, weights summing to 1) in another order: DEEP roundings of 1
+    assert mmd2_mixtures(a, b, 1.0) == deep_approx(mmd2_mixtures(b, a, 1.0))
 
 
 def test_mmd2_grows_with_label_skew_quadratically():
@@ -260,7 +288,8 @@ def test_mmd2_grows_with_label_skew_quadratically():
     assert values[0] == 0.0
     assert all(a < b for a, b in zip(values, values[1:]))
     for t, v in zip((0.25, 0.5, 0.75), values[1:4]):
-        assert v == pytest.approx(t**2 * values[-1], rel=1e-9)
+        # exactly t^2 in exact arithmetic; in float64 DEEP roundings of the kernel sums (<= 1) apart
+        assert v == deep_approx(t**2 * values[-1])
 
 
 def test_mmd2_rejects_bad_bandwidth_and_empty_clients():
@@ -290,11 +319,11 @@ def test_data_distance_ignores_absent_classes_and_is_scale_free_with_the_median_
     moved = ClassStats(stats[0].counts, stats[0].means.clone(), stats[0].vars.clone())
     moved.means[1] += 100.0
     moved.vars[1] *= 50.0
-    assert torch.allclose(data_distance([moved, *stats[1:]]), dist, atol=1e-12)
+    assert torch.equal(data_distance([moved, *stats[1:]]), dist)  # exact: a class of weight 0 adds exactly 0
     # Rescaling every feature by s rescales the median bandwidth by s and leaves D unchanged.
     scaled = [ClassStats(s.counts, 3.0 * s.means, 9.0 * s.vars) for s in stats]
-    assert median_bandwidth(scaled) == pytest.approx(3.0 * median_bandwidth(stats), rel=1e-12)
-    assert torch.allclose(data_distance(scaled), dist, atol=1e-12)
+    assert median_bandwidth(scaled) == deep_approx(3.0 * median_bandwidth(stats))
+    assert_deep_close(data_distance(scaled), dist)  # D is normalised to at most 1
 
 
 def test_data_distance_of_identical_clients_is_all_zero():
@@ -308,9 +337,12 @@ def test_data_distance_of_identical_clients_is_all_zero():
 def test_param_distance_reference_angles_and_zero_vector():
     u = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 0.0]])
     dist = param_distance(u)
-    assert dist[0, 1] == pytest.approx(0.0, abs=1e-15)  # same direction, any length
-    assert dist[0, 2] == pytest.approx(1.0)  # opposite
-    assert dist[0, 3] == pytest.approx(0.5)  # orthogonal
+    # float32 vectors: unit vectors within gamma(d + 2) of length 1, their dot within gamma(d) more, and
+    # (1 - cos) / 2 halves that: d = 3
+    tol = gamma(2 * 3 + 4, torch.float32)
+    assert dist[0, 1] == pytest.approx(0.0, abs=tol)  # same direction, any length
+    assert dist[0, 2] == pytest.approx(1.0, abs=tol)  # opposite
+    assert dist[0, 3] == pytest.approx(0.5, abs=tol)  # orthogonal
     assert torch.all(dist[4, :4] == 0.5) and torch.all(dist[:4, 4] == 0.5)
     assert torch.all(dist.diagonal() == 0) and torch.equal(dist, dist.T)
     assert dist.min() >= 0 and dist.max() <= 1
@@ -319,9 +351,9 @@ def test_param_distance_reference_angles_and_zero_vector():
 # --- simplex projection and weight solvers ---------------------------------------------------
 
 
-def _on_simplex(w, atol=1e-12):
-    sums = w.sum(-1)
-    return bool(torch.all(w >= 0)) and torch.allclose(sums, torch.ones_like(sums), atol=atol)
+def _on_simplex(w, magnitude):
+    """Non-negative rows summing to 1 within the rounding of weights from inputs of size <= magnitude."""
+    return bool(torch.all(w >= 0)) and bool(torch.all((w.sum(-1) - 1).abs() <= simplex_sum_tol(w.shape[-1], magnitude)))
 
 
 def test_project_simplex_matches_a_brute_force_qp():
@@ -335,7 +367,9 @@ def test_project_simplex_matches_a_brute_force_qp():
                           options={"ftol": 1e-12, "maxiter": 500})
         assert result.success
         w = project_simplex(torch.from_numpy(v))
-        np.testing.assert_allclose(w.numpy(), result.x, atol=1e-6)
+        # SLSQP stops at an objective within ftol of the optimum; the objective is 1-strongly convex, so
+        # |w - w*| <= sqrt(2 ftol)
+        np.testing.assert_allclose(w.numpy(), result.x, atol=math.sqrt(2 * 1e-12))
 
 
 def test_project_simplex_satisfies_the_optimality_conditions_exactly():
@@ -343,12 +377,14 @@ def test_project_simplex_satisfies_the_optimality_conditions_exactly():
     g = torch.Generator().manual_seed(12)
     v = torch.randn(200, 7, generator=g, dtype=F64) * torch.logspace(-2, 1, 200, dtype=F64)[:, None]
     w = project_simplex(v)
-    assert _on_simplex(w)
+    assert _on_simplex(w, float(v.abs().max()))
     for vi, wi in zip(v, w):
         support = wi > 0
         theta = (vi - wi)[support]
-        assert torch.allclose(theta, theta[0].expand_as(theta), atol=1e-12)
-        assert torch.all(vi[~support] <= theta[0] + 1e-12)
+        # w = v - theta rounds once and v - w once more: each within u (|v| + |theta|) of theta
+        tol = gamma(2, F64) * (vi.abs().max() + theta.abs().max())
+        assert torch.all((theta - theta[0]).abs() <= 2 * tol)
+        assert torch.all(vi[~support] <= theta[0] + tol)
 
 
 def test_project_simplex_is_row_wise_and_fixes_simplex_points():
@@ -358,7 +394,8 @@ def test_project_simplex_is_row_wise_and_fixes_simplex_points():
     assert batched.shape == v.shape
     assert torch.equal(batched[1, 2], project_simplex(v[1, 2]))
     p = torch.distributions.Dirichlet(torch.ones(5, dtype=F64)).sample()
-    assert torch.allclose(project_simplex(p), p, atol=1e-15)
+    # p sums to 1 only to its own rounding, so theta is that off-by plus the projection's rounding
+    assert torch.all((project_simplex(p) - p).abs() <= (p.sum() - 1).abs() + simplex_sum_tol(5, 1.0))
 
 
 def test_gamma_zero_is_exactly_fedavg():
@@ -373,7 +410,9 @@ def test_gamma_zero_is_exactly_fedavg():
     fedavg = weighted_average(states, sizes)
     for personal in mix(states, weights):
         for key in fedavg:
-            assert torch.allclose(personal[key], fedavg[key], rtol=0, atol=1e-12)
+            # the same weighted sum of 5 states in another order: each within gamma(6) max|x| of the exact
+            bound = 2 * gamma(len(sizes) + 1, F64) * torch.stack([s[key].abs() for s in states]).max(0).values
+            assert torch.all((personal[key] - fedavg[key]).abs() <= bound)
 
 
 def test_every_weight_row_is_on_the_simplex():
@@ -384,8 +423,9 @@ def test_every_weight_row_is_on_the_simplex():
         dist = combined_distance(raw, raw.T, lam=0.5)
         p = torch.distributions.Dirichlet(torch.ones(k, dtype=F64)).sample()
         scale = 10 ** (6 * torch.rand(2, generator=g, dtype=F64) - 3)  # gamma, tau in [1e-3, 1e3]
-        assert _on_simplex(simplex_weights(dist, p, float(scale[0])))
-        assert _on_simplex(softmax_weights(dist, p, float(scale[1])))
+        # inputs p - gamma / 2 D with D in [0, 1]
+        assert _on_simplex(simplex_weights(dist, p, float(scale[0])), 1 + float(scale[0]) / 2)
+        assert _on_simplex(softmax_weights(dist, p, float(scale[1])), 0.0)
 
 
 def test_weight_solvers_limits():
@@ -395,10 +435,14 @@ def test_weight_solvers_limits():
     p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
     eye = torch.eye(4, dtype=F64)
     # A large gamma keeps only the client itself (its distance is the unique minimum, 0) ...
-    assert torch.allclose(simplex_weights(dist, p, gamma=100.0), eye)
-    assert torch.allclose(softmax_weights(dist, p, tau=1e-4), eye)
-    # ... and a large tau forgets the distances.
-    assert torch.allclose(softmax_weights(dist, p, tau=1e9), p.expand(4, 4), atol=1e-9)
+    # (the projection keeps one entry, p_i - (p_i - 1): within the rounding of a row sum)
+    assert torch.all((simplex_weights(dist, p, gamma=100.0) - eye).abs() <= simplex_sum_tol(4, 1 + 50 * 1.1))
+    # exact: exp(-D / tau) <= exp(-1000) underflows to 0 in float64
+    assert torch.equal(softmax_weights(dist, p, tau=1e-4), eye)
+    # ... and a large tau forgets the distances: w_ij = p_j exp(-D_ij / tau) / sum_k p_k exp(-D_ik / tau)
+    # moves from p_j by at most p_j (max D - min D) / tau, plus the softmax's rounding
+    drift = float(p.max() * dist.max() / 1e9) + simplex_sum_tol(4, 0.0)
+    assert torch.all((softmax_weights(dist, p, tau=1e9) - p.expand(4, 4)).abs() <= drift)
     # A client with p_j = 0 never receives weight from softmax.
     q = torch.tensor([0.0, 0.5, 0.5, 0.0], dtype=F64)
     assert torch.all(softmax_weights(dist, q, tau=0.1)[:, [0, 3]] == 0)
@@ -425,7 +469,7 @@ def test_combined_distance_interpolates_with_zero_diagonal():
     expected = 0.25 * d_data + 0.75 * d_param
     assert torch.all(mixed.diagonal() == 0)
     off = ~torch.eye(4, dtype=torch.bool)
-    assert torch.allclose(mixed[off], expected[off], atol=1e-15)
+    assert torch.equal(mixed[off], expected[off])  # exact: the same two products and one sum
     assert torch.equal(combined_distance(d_data, d_param, 1.0)[off], d_data[off])
     assert torch.equal(combined_distance(d_data, d_param, 0.0)[off], d_param[off])
     for lam in (-0.1, 1.5, float("nan")):

@@ -62,3 +62,22 @@ def deep_approx(expected: float, dtype: torch.dtype = torch.float64):
     import pytest
 
     return pytest.approx(expected, rel=DEEP * unit_roundoff(dtype), abs=DEEP * unit_roundoff(dtype))
+
+
+def simplex_sum_tol(k: int, magnitude: float, dtype: torch.dtype = torch.float64) -> float:
+    """Bound on |sum(w) - 1| for a row of k weights from celora.similarity: a simplex projection of inputs
+    of absolute value <= `magnitude`, or a softmax (magnitude 0).
+
+    Projection (w = max(v - theta, 0), theta = (sum of the rho largest v - 1) / rho): theta's running sum
+    errs by gamma(k) (k magnitude + 1), its division and each v - theta by u, and the final sum by gamma(k),
+    so the row sums to 1 within gamma(2k + 2) (k magnitude + 2). A softmax row e_i / sum(e) errs by
+    gamma(k + 1) relatively before its sum adds gamma(k): inside the same bound with magnitude 0."""
+    return gamma(2 * k + 2, dtype) * (k * magnitude + 2)
+
+
+def spacing(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound on the gap between x and its neighbouring float of x's dtype: eps |x| (or the
+    smallest normal's gap at 0). A float64 result within far less than that of an exact float32 value
+    rounds back to a neighbour of it: the two differ by at most one spacing."""
+    info = torch.finfo(x.dtype)
+    return torch.clamp(x.abs(), min=info.tiny) * info.eps
