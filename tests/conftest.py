@@ -12,11 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CONF_DIR = (Path(__file__).resolve().parents[1] / "conf").resolve()
 
 # Shrinks the embedded default to seconds: tiny random BERT, a few hundred reviews, 3 clients.
-TINY = [
-    "model=tiny_bert", "dataset.limit=300", "fl.num_clients=3", "fl.rounds=2", "fl.eval_every=1",
-    "fl.sample_fraction=1.0", "client.local_steps=2", "client.batch_size=8", "logger=none",
-    "simulation.progress=false", "partition=iid",
-]
+TINY = ["+debug=tiny"]  # conf/debug/tiny.yaml: tiny_bert, 300 examples, 3 IID clients, 2 rounds, no logger
 
 
 @pytest.fixture(scope="module")

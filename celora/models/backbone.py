@@ -100,3 +100,27 @@ def set_module_dropout(module: nn.Module, p: float | None) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = float(p)
+
+
+def load_pretrained(path: str, model_class, config_class, dtype: str, dropout: float | None, **config) -> nn.Module:
+    """A transformers checkpoint from a local folder or (with a network) a hub id, its config overridden by
+    `config` (e.g. num_hidden_layers=2), every dropout set to `dropout` (not None), weights in `dtype`."""
+    import os
+
+    if not (os.path.isdir(path) or "/" in path):
+        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
+    cfg = config_class.from_pretrained(path, **config)
+    set_config_dropout(cfg, dropout)
+    model = model_class.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
+    set_module_dropout(model, dropout)
+    return model
+
+
+def random_init(build: Callable[[object], nn.Module], config, seed: int, dtype: str, dropout: float | None) -> nn.Module:
+    """`build(config)` with seeded random weights (tiny configs for tests), every dropout set to `dropout`
+    (not None), weights in `dtype`."""
+    set_config_dropout(config, dropout)
+    torch.manual_seed(seed)
+    model = build(config).to(torch_dtype(dtype))
+    set_module_dropout(model, dropout)
+    return model

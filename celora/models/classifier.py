@@ -1,6 +1,8 @@
 """A frozen pretrained backbone, a pooling rule and a linear task head, as one module."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -25,13 +27,15 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
     raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
 
 
+@dataclass
 class HeadOnTop(Backbone):
     """A backbone whose classifier is a seeded linear head on its pooled hidden states (text and image
-    encoders); the dataclasses that subclass it hold `backbone`, `hidden_size` and `pooling`."""
+    encoders). Subclasses add their own fields keyword-only (`@dataclass(kw_only=True)`)."""
 
     backbone: nn.Module
     hidden_size: int
-    pooling: str
+    model_type: str
+    pooling: str = "mean"
 
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
         """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""

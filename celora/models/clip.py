@@ -1,7 +1,6 @@
 """CLIP as a zero-shot classifier over class prompts, fine-tuned contrastively (any local folder or hub id, tiny random configs)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from celora.adapters import cohort_size
-from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
+from celora.models.backbone import load_pretrained, random_init
 from celora.models.text import minilm_folder
 from celora.models.vision import PixelInputs, processor_stats
 
@@ -108,12 +107,7 @@ def clip(path: str, image_size: int | None = None, prompt: str = PROMPT, tokeniz
     """Any CLIP checkpoint from a local folder or (with a network) a hub id; `image_size` other than its own
     interpolates the vision tower's position embeddings; `dropout` (not None) sets every dropout
     probability of both towers, `dtype` the weights' dtype."""
-    if not (os.path.isdir(path) or "/" in path):
-        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    cfg = CLIPConfig.from_pretrained(path, **config)
-    set_config_dropout(cfg, dropout)
-    model = CLIPModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
-    set_module_dropout(model, dropout)
+    model = load_pretrained(path, CLIPModel, CLIPConfig, dtype, dropout, **config)
     stats = processor_stats(path)
     return ClipModel(model.eval(), AutoTokenizer.from_pretrained(tokenizer or path),
                      image_size or model.config.vision_config.image_size, prompt,
@@ -129,8 +123,5 @@ def clip_from_config(text: dict, vision: dict, projection_dim: int = 16, prompt:
     text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id or eos,
             "eos_token_id": eos, **dict(text)}
     cfg = CLIPConfig(text_config=text, vision_config=dict(vision), projection_dim=projection_dim)
-    set_config_dropout(cfg, dropout)
-    torch.manual_seed(seed)
-    model = CLIPModel(cfg).to(torch_dtype(dtype))
-    set_module_dropout(model, dropout)
+    model = random_init(CLIPModel, cfg, seed, dtype, dropout)
     return ClipModel(model.eval(), tok, cfg.vision_config.image_size, prompt)

