@@ -148,3 +148,16 @@ def test_adapters_that_get_no_gradient_are_named_once_with_their_bytes(compose_c
     with caplog.at_level(logging.WARNING, logger="celora"):
         run(compose_cfg(*TINY, "adapter.targets=[query,value,output.dense]", *simulation), run_dir=tmp_path / "ok")
     assert not [r for r in caplog.records if "got no gradient" in r.getMessage()]
+
+
+def test_the_objective_a_sweeper_reads(compose_cfg, tmp_path):
+    """optimized_metric: a key of summary.json's last row, best/<key>, or null (global where there is one model)."""
+    from celora.metrics import objective
+
+    shared = run(compose_cfg(*TINY), run_dir=tmp_path / "fedavg")
+    assert objective(shared) == shared["last"]["global/acc"] is not None
+    assert objective(shared, "personal/acc") == shared["last"]["personal/acc"]
+    assert objective(shared, "best/personal/acc") == shared["best"]["personal/acc"]
+    private = run(compose_cfg(*TINY, "method=local"), run_dir=tmp_path / "local")
+    assert private["last"]["global/acc"] is None
+    assert objective(private) == private["last"]["personal/acc"] is not None

@@ -31,6 +31,8 @@ CASES = [
     (["dataset=hf"], r"dataset.path has no value .* set it"),
     (["resume=maybe"], r"resume='maybe' must be one of \('auto', 'never', 'force'\)"),
     (["seed=-1"], r"seed=-1 must be a non-negative integer"),
+    (["optimized_metric=personal/accuracy"], r"optimized_metric='personal/accuracy' is not a metric of the schema"),
+    (["optimized_metric=best/nope"], r"optimized_metric='best/nope' is not a metric of the schema"),
     # combinations that cannot work in this code
     (["method=celora", "privacy=client"], r"privacy.mode=central calibrates .* \(CeLoRA\) .* use privacy.mode=local"),
     (["method=local", "privacy=client"], r"aggregator \(Local\) uploads nothing .* use privacy=none"),
