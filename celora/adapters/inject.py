@@ -24,16 +24,27 @@ def adaptable_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_adaptable(m)})
 
 
-def inject(model: nn.Module, cfg: AdapterConfig, targets: list[str], seed: int) -> list[str]:
+ALL_LINEAR = "all-linear"  # every linear map of the network but its output layer (an LM's lm_head, our head)
+OUTPUT_LAYERS = ("lm_head", "head")
+
+
+def _all_linear(name: str, module: nn.Module) -> bool:
+    return is_adaptable(module) and name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
+
+
+def inject(model: nn.Module, cfg: AdapterConfig, targets: list[str] | str, seed: int) -> list[str]:
     """Replace every module matching a target by an AdapterLayer around it; returns their names.
+    `targets="all-linear"` (or ["all-linear"]) takes every linear map but the output layer.
 
     Factors are drawn from one generator seeded by `seed` (the 64-bit value the server sends
     once), in module order, so every client that runs this builds identical A and B.
     """
     gen = torch.Generator().manual_seed(seed)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    every = targets == [ALL_LINEAR]
     hits = [
         (n, m) for n, m in model.named_modules()
-        if n and any(_matches(n, t) for t in targets) and not isinstance(m, AdapterLayer)
+        if n and not isinstance(m, AdapterLayer) and (_all_linear(n, m) if every else any(_matches(n, t) for t in targets))
     ]
     if not hits:
         raise ValueError(

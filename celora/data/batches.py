@@ -103,3 +103,24 @@ def eval_batches(data: Encoded, indices: Sequence[int], batch_size: int, collate
     idx = idx[np.argsort(data.lengths(idx), kind="stable")]
     for start in range(0, len(idx), batch_size):
         yield collate([data[i] for i in idx[start:start + batch_size]])
+
+
+class AnswerCollate:
+    """Right-pads (ids, labels) rows of a causal LM: `labels` holds a token id at every answer position and
+    -100 elsewhere (the prompt), and padding gets -100 too, so the loss covers the answers only."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows):
+        longest = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+        for k, (row, answer) in enumerate(rows):
+            if len(answer) != len(row):
+                raise ValueError(f"a row has {len(row)} token ids but {len(answer)} labels")
+            ids[k, : len(row)] = torch.tensor(row)
+            mask[k, : len(row)] = 1
+            labels[k, : len(row)] = torch.tensor(answer)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -58,8 +58,8 @@ class Backbone(Protocol):
         statistics' input)."""
         ...
 
-# fp64 is for numerical checks (the equivalence tests compare simulation paths in it); fp32 is the default.
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# fp64 is for numerical checks (the equivalence tests compare simulation paths in it); fp32 is the default;
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}  # bf16: large LLMs on a GPU
 # Config keys of transformers models that hold a probability of dropping something while training:
 # dropout of activations and attention weights, GPT-2's *_pdrop, stochastic depth (drop_path_rate), layerdrop.
 _DROP_KEYS = ("dropout", "pdrop", "drop_path", "layerdrop")
@@ -106,8 +106,9 @@ def load_pretrained(path: str, model_class, config_class, dtype: str, dropout: f
     """A transformers checkpoint from a local folder or (with a network) a hub id, its config overridden by
     `config` (e.g. num_hidden_layers=2), every dropout set to `dropout` (not None), weights in `dtype`."""
     import os
+    import re
 
-    if not (os.path.isdir(path) or "/" in path):
+    if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(".")):
         raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
     cfg = config_class.from_pretrained(path, **config)
     set_config_dropout(cfg, dropout)

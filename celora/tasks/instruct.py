@@ -1,0 +1,173 @@
+"""Instruction tuning of a causal LM: a prompt, then the answer. The loss covers the answer tokens only, and
+the vocabulary logits are computed only where an answer token is predicted."""
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from celora.tasks import Task
+from celora.tasks.classify import widened
+
+IGNORE = -100
+ACCURACY = ("likelihood", "generate")
+
+
+def answer_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token cross-entropy [n], the row of each [n]) over every answer token of the batch. Position t's
+    hidden state predicts token t + 1, so only the positions before an answer token reach `lm_head`."""
+    labels = batch["labels"]
+    hidden = model.hidden(batch["input_ids"], batch["attention_mask"])
+    targets = labels[:, 1:]
+    where = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][where])
+    return F.cross_entropy(widened(logits), targets[where], reduction="none"), where.nonzero()[:, 0]
+
+
+def per_row(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation and surrounding white space removed, inner white space collapsed."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(generated: str, reference: str) -> bool:
+    return normalise(generated) == normalise(reference)
+
+
+def cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
+    """The generated tokens up to (without) the first end-of-sequence token."""
+    stops = {eos} if isinstance(eos, int) else set(eos or [])
+    for k, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:k]
+    return tokens
+
+
+def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
+    """[prompts, options]: the summed log-likelihood of each option's tokens after each prompt."""
+    rows = [(p + o, [IGNORE] * len(p) + o) for p in prompts for o in options]
+    longest = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for k, (row, lab) in enumerate(rows):
+        ids[k, : len(row)], mask[k, : len(row)], labels[k, : len(row)] = torch.tensor(row), 1, torch.tensor(lab)
+    ce, row = answer_token_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return -per_row(ce.double(), row, len(rows)).view(len(prompts), len(options))
+
+
+class Instruct(Task):
+    """Answer-token cross-entropy; scores: answer tokens, their summed loss (perplexity = exp(loss / tokens)),
+    and answer accuracy, by `accuracy`:
+    - likelihood: among `options` (a closed label set, as token ids), the one of highest log-likelihood
+      after the prompt is the answer;
+    - generate: the greedy generation (at most `max_new_tokens`, cut at EOS) matches the reference answer
+      exactly after `normalise`.
+    """
+
+    def __init__(self, accuracy: str = "likelihood", max_new_tokens: int = 8):
+        if accuracy not in ACCURACY:
+            raise ValueError(f"task.accuracy must be one of {ACCURACY}, got {accuracy!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.accuracy, self.max_new_tokens = accuracy, max_new_tokens
+        self.tokenizer = None  # set by use_tokenizer: text comparison, EOS and padding ids for generation
+
+    def use_tokenizer(self, tokenizer) -> Instruct:
+        """The model's tokenizer, for decoding generations (exact match is on normalised text) and its EOS id."""
+        self.tokenizer = tokenizer
+        return self
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """[clients]: each client's mean over its own answer tokens (rows are clients' blocks, client-major)."""
+        ce, row = answer_token_losses(model, batch)
+        client = row // (len(batch["labels"]) // clients)
+        total = per_row(ce, client, clients)
+        count = per_row(torch.ones_like(ce), client, clients)
+        return total / count.clamp_min(1)
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1,
+               valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each client's sums: `examples`, `loss` (of each row's mean answer-token loss), `tokens` and
+        `token_loss` (answer perplexity = exp(token_loss / tokens)), `correct`."""
+        labels = batch["labels"]
+        n = len(labels)
+        ce, row = answer_token_losses(model, batch)
+        tokens = per_row(torch.ones_like(ce, dtype=torch.float64), row, n).cpu()
+        token_loss = per_row(ce.double(), row, n).cpu()
+        correct = self.correct(model, batch).cpu()
+        valid = torch.ones(clients, n // clients, dtype=torch.bool) if valid is None else valid.cpu()
+        v = valid.reshape(-1)
+        by_client = lambda x: (x * v).view(clients, -1).sum(1)  # noqa: E731
+        return {"examples": valid.sum(1), "loss": by_client(token_loss / tokens.clamp_min(1)),
+                "tokens": by_client(tokens), "token_loss": by_client(token_loss), "correct": by_client(correct)}
+
+    def correct(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[rows] bool: whether each row's answer is found, by `accuracy`."""
+        prompts, answers = split_rows(batch)
+        if self.accuracy == "likelihood":
+            if "options" not in batch:
+                raise ValueError("task.accuracy=likelihood needs a closed label set (the dataset's options); "
+                                 "use task.accuracy=generate for open answers")
+            options = [[t for t in o if t != IGNORE] for o in batch["options"].tolist()]
+            best = option_loglik(model, prompts, options, _pad(batch)).argmax(1)
+            return torch.tensor([options[b] == a for b, a in zip(best.tolist(), answers)])
+        tok = self.tokenizer
+        eos = None if tok is None else tok.eos_token_id
+        generated = greedy(model, prompts, self.max_new_tokens, eos, _pad(batch))
+        if tok is None:  # token-level comparison when no tokenizer is at hand
+            return torch.tensor([g == cut_at_eos(a, eos) for g, a in zip(generated, answers)])
+        text = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+        return torch.tensor([exact_match(text(g), text(cut_at_eos(a, eos))) for g, a in zip(generated, answers)])
+
+
+def _pad(batch: dict[str, torch.Tensor]) -> int:
+    """The padding id: any id right of the attention mask, or 0 when no row is padded (never attended)."""
+    padded = batch["input_ids"][batch["attention_mask"] == 0]
+    return int(padded[0]) if len(padded) else 0
+
+
+def split_rows(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, answers) as token lists: a row's answer starts at its first labelled position."""
+    prompts, answers = [], []
+    for ids, mask, lab in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()):
+        length = sum(mask)
+        start = next((t for t in range(length) if lab[t] != IGNORE), length)
+        prompts.append(ids[:start])
+        answers.append(ids[start:length])
+    return prompts, answers
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad_id: int) -> list[list[int]]:
+    """Greedy continuations of every prompt in one right-padded batch (so a stacked cohort's rows keep their
+    places), each cut at its first EOS. One full forward a step: evaluation batches are small."""
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        seqs = [p + o for p, o in zip(prompts, out)]
+        longest = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, s in enumerate(seqs):
+            ids[k, : len(s)], mask[k, : len(s)] = torch.tensor(s), 1
+        hidden = model.hidden(ids, mask)
+        last = hidden[torch.arange(len(seqs)), mask.sum(1) - 1]
+        nxt = model.lm_head(last).argmax(-1).tolist()
+        for k, t in enumerate(nxt):
+            if not done[k]:
+                if eos is not None and t == eos:
+                    done[k] = True
+                else:
+                    out[k].append(t)
+        if all(done):
+            break
+    return out
