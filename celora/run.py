@@ -115,6 +115,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
         {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
+    check_answers(backbone, data, parts.task, cfg)
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:
@@ -166,3 +167,14 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     finally:
         sink.finish(summary)
     return summary
+
+
+def check_answers(backbone, data, task, cfg) -> None:
+    """Model, data and task must agree on what an answer is: a class (label logits) or tokens (a causal LM)."""
+    kinds = {"model": backbone.answers, "dataset": data.answers, "task": task.answers}
+    if len(set(kinds.values())) > 1:
+        said = ", ".join(f"{k}={OmegaConf.select(cfg, k + '._target_')} answers in {v}" for k, v in kinds.items())
+        raise ValueError(f"{said}: they must agree. A classifier backbone takes task=classify and a labelled "
+                         "dataset; a causal LM (smollm2, hf_causal_lm, tiny_llama) takes task=instruct and "
+                         "instruction data, which is not built yet (docs/llm.md)")
+

@@ -297,3 +297,41 @@ def test_smollm2_formula_from_its_config():
     head_dim = c.hidden_size // c.num_attention_heads
     lora = c.num_hidden_layers * 8 * ((576 + c.num_attention_heads * head_dim) + (576 + c.num_key_value_heads * head_dim))
     assert lora == 460_800 and c.num_hidden_layers * 2 * 8 * 8 == 3_840 and lora // 3_840 == 120
+
+
+# ---------------------------------------------------------------- the zero-shot script
+
+
+def _zero_shot():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from llm_zero_shot import zero_shot
+
+    return zero_shot
+
+
+def test_zero_shot_script_scores_a_fixed_slice(tmp_path):
+    out = _zero_shot()("tiny_llama", n=8, batch_size=3)  # batches of 3: the last one is short
+    assert out["questions"] == 8 and out["accuracy"] * 8 == round(out["accuracy"] * 8)
+    assert out == {**_zero_shot()("tiny_llama", n=8, batch_size=8), "load_s": out["load_s"], "score_s": out["score_s"]}
+
+
+@pytest.mark.slow
+def test_smollm2_zero_shot_on_200_review_questions():
+    """The real model (about 20 s to convert on first use, then about a minute to score on 2 cores)."""
+    out = _zero_shot()("smollm2", n=200)
+    assert out["questions"] == 200 and 0 <= out["accuracy"] <= 1
+    # better than answering the majority class every time would be
+    assert out["accuracy"] > max(out["positive_share"], 1 - out["positive_share"])
+
+
+def test_a_causal_lm_on_a_classification_run_is_refused_with_the_reason(compose_cfg, tmp_path):
+    from celora.run import run
+
+    with pytest.raises(ValueError, match=r"model=celora.models.llm.tiny_llama answers in tokens.*task=celora"
+                                         r".tasks.classify.Classify answers in classes: they must agree"):
+        run(compose_cfg("+debug=tiny", "model=tiny_llama"), run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"task=celora.tasks.instruct.Instruct answers in tokens"):
+        run(compose_cfg("+debug=tiny", "task=instruct"), run_dir=tmp_path / "b")

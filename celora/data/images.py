@@ -49,6 +49,8 @@ class ImageData:
     Normalisation and channel repetition happen per batch in the collator (`batches.ImageCollate`).
     """
 
+    answers = "classes"  # a label per row
+
     train: datasets.Dataset
     test: datasets.Dataset
     train_pixels: torch.Tensor

@@ -34,6 +34,8 @@ RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 class TextData:
     """Tokenised train and held-out test splits with their label vocabulary."""
 
+    answers = "classes"  # a label per row (instruction data, answered in tokens, is not built yet)
+
     train: datasets.Dataset
     test: datasets.Dataset
     num_classes: int

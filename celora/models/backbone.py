@@ -38,6 +38,7 @@ class Backbone(Protocol):
     """
 
     model_type: str  # transformers' config.model_type, or the family's own name: picks DEFAULT_TARGETS
+    answers = "classes"  # what its model outputs score: "classes" (logits over labels) or "tokens" (a causal LM)
 
     @property
     def default_targets(self) -> list[str] | None:

@@ -101,6 +101,8 @@ class CausalLM(Backbone):
     """A loaded decoder LLM and its tokenizer (a `Backbone`). Its "classifier" is the language model itself:
     there is no new head, the answers are tokens."""
 
+    answers = "tokens"
+
     def __init__(self, lm: nn.Module, tokenizer, max_length: int = 128):
         self.lm, self.tokenizer, self.max_length = lm, tokenizer, max_length
         self.model_type = lm.config.model_type

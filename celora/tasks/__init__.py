@@ -17,6 +17,8 @@ class Task(Protocol):
     by a YAML under conf/task/.
     """
 
+    answers = "classes"  # what it scores: "classes" (label logits) or "tokens" (a causal LM's answer tokens)
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
         """[clients]: each client's mean loss over its rows (what its local steps minimise)."""
         ...

@@ -72,6 +72,8 @@ class Instruct(Task):
       exactly after `normalise`.
     """
 
+    answers = "tokens"
+
     def __init__(self, accuracy: str = "likelihood", max_new_tokens: int = 8):
         if accuracy not in ACCURACY:
             raise ValueError(f"task.accuracy must be one of {ACCURACY}, got {accuracy!r}")
