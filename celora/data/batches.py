@@ -25,6 +25,17 @@ class Encoded(torch.utils.data.Dataset):
         return np.array([len(self.input_ids[i]) for i in indices])
 
 
+def right_pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, longest] right-padded with `value`, attention mask [n, longest]) of token id lists."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for k, row in enumerate(seqs):
+        ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[k, : len(row)] = 1
+    return ids, mask
+
+
 class Collate:
     """Right-pads a list of (ids, label) to the batch's longest sequence."""
 
@@ -32,12 +43,7 @@ class Collate:
         self.pad_id = pad_id
 
     def __call__(self, rows):
-        longest = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for k, (row, _) in enumerate(rows):
-            ids[k, : len(row)] = torch.tensor(row)
-            mask[k, : len(row)] = 1
+        ids, mask = right_pad([r for r, _ in rows], self.pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in rows])}
 
 
@@ -113,14 +119,9 @@ class AnswerCollate:
         self.pad_id = pad_id
 
     def __call__(self, rows):
-        longest = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-        for k, (row, answer) in enumerate(rows):
+        for row, answer in rows:
             if len(answer) != len(row):
                 raise ValueError(f"a row has {len(row)} token ids but {len(answer)} labels")
-            ids[k, : len(row)] = torch.tensor(row)
-            mask[k, : len(row)] = 1
-            labels[k, : len(row)] = torch.tensor(answer)
+        ids, mask = right_pad([r for r, _ in rows], self.pad_id)
+        labels, _ = right_pad([a for _, a in rows], -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from celora.data.batches import right_pad
 from celora.tasks import Task
 from celora.tasks.classify import widened
 
@@ -52,15 +53,10 @@ def cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
 
 def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
     """[prompts, options]: the summed log-likelihood of each option's tokens after each prompt."""
-    rows = [(p + o, [IGNORE] * len(p) + o) for p in prompts for o in options]
-    longest = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE)
-    for k, (row, lab) in enumerate(rows):
-        ids[k, : len(row)], mask[k, : len(row)], labels[k, : len(row)] = torch.tensor(row), 1, torch.tensor(lab)
+    ids, mask = right_pad([p + o for p in prompts for o in options], pad_id)
+    labels, _ = right_pad([[IGNORE] * len(p) + o for p in prompts for o in options], IGNORE)
     ce, row = answer_token_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return -per_row(ce.double(), row, len(rows)).view(len(prompts), len(options))
+    return -per_row(ce.double(), row, len(ids)).view(len(prompts), len(options))
 
 
 class Instruct(Task):
@@ -155,14 +151,9 @@ def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos:
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        seqs = [p + o for p, o in zip(prompts, out)]
-        longest = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, s in enumerate(seqs):
-            ids[k, : len(s)], mask[k, : len(s)] = torch.tensor(s), 1
+        ids, mask = right_pad([p + o for p, o in zip(prompts, out)], pad_id)
         hidden = model.hidden(ids, mask)
-        last = hidden[torch.arange(len(seqs)), mask.sum(1) - 1]
+        last = hidden[torch.arange(len(ids)), mask.sum(1) - 1]
         nxt = model.lm_head(last).argmax(-1).tolist()
         for k, t in enumerate(nxt):
             if not done[k]:
