@@ -60,7 +60,8 @@ def test_simulations_instantiate(name):
 def _saved(model_name: str, folder: Path) -> Path:
     """A tiny random model of the family saved as a local folder, the way a user points model.path at one."""
     spec = instantiate(_compose(f"model={model_name}").model)
-    (spec.model if hasattr(spec, "model") else spec.backbone).save_pretrained(folder)
+    net = next(getattr(spec, a) for a in ("model", "lm", "backbone") if hasattr(spec, a))  # CLIP, causal LM, encoder
+    net.save_pretrained(folder)
     if hasattr(spec, "tokenizer"):
         spec.tokenizer.save_pretrained(folder)
     return folder
@@ -71,7 +72,8 @@ def test_models_instantiate(name, tmp_path):
     from celora.models.text import minilm_folder
 
     folders = {"hf_encoder": lambda: minilm_folder(), "vit": lambda: _saved("tiny_vit", tmp_path / "vit"),
-               "clip": lambda: _saved("tiny_clip", tmp_path / "clip")}
+               "clip": lambda: _saved("tiny_clip", tmp_path / "clip"),
+               "hf_causal_lm": lambda: _saved("tiny_llama", tmp_path / "llm")}
     extra = [f"model.path={folders[name]()}"] if name in folders else []
     extra += ["model.image_size=32"] if name == "efficientnet_lite0" else []
     spec = instantiate(_compose(f"model={name}", *extra).model)
