@@ -14,7 +14,10 @@ KEYS = (
 )
 
 
-OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma")
+# Present in the runs they concern: DP, and the metrics a task adds (a causal LM's answer perplexity) and its
+# training throughput in tokens.
+OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma",
+            "global/ppl", "personal/ppl", "train/tokens", "time/train_tokens_per_s")
 
 
 def check_objective(key: str | None) -> None:
@@ -44,12 +47,12 @@ def _clean(value):
 
 
 def summarize(rows: list[dict]) -> dict:
-    """`last` row, and for each scalar accuracy (max) and loss (min) key its best value and round
+    """`last` row, and for each scalar accuracy (max) and loss or perplexity (min) key its best value and round
     (a per-client list such as `personal/acc_by_client` has no best: it stays in `last`)."""
     best, best_round = {}, {}
     for key in rows[-1] if rows else ():
         higher = key.endswith("acc") or "/acc_" in key
-        lower = key.endswith("loss")
+        lower = key.endswith("loss") or key.endswith("ppl")
         if not (higher or lower):
             continue
         vals = [(r[key], r["round"]) for r in rows if isinstance(r.get(key), (int, float))]

@@ -176,5 +176,6 @@ def check_answers(backbone, data, task, cfg) -> None:
         said = ", ".join(f"{k}={OmegaConf.select(cfg, k + '._target_')} answers in {v}" for k, v in kinds.items())
         raise ValueError(f"{said}: they must agree. A classifier backbone takes task=classify and a labelled "
                          "dataset; a causal LM (smollm2, hf_causal_lm, tiny_llama) takes task=instruct and "
-                         "instruction data, which is not built yet (docs/llm.md)")
+                         "instruction data: dataset=rt_instruct, party_instruct, instruct_mix or hf_instruct "
+                         "(docs/llm.md)")
 

@@ -330,9 +330,8 @@ def _metrics(compose_cfg, out, *overrides):
 
 
 def _same(a, b):
-    drop = ("time/round_s",)
-    return [{k: v for k, v in r.items() if k not in drop and not k.startswith("privacy/")} for r in a] == \
-        [{k: v for k, v in r.items() if k not in drop and not k.startswith("privacy/")} for r in b]
+    keep = lambda k: not k.startswith(("time/", "privacy/"))  # noqa: E731
+    return [{k: v for k, v in r.items() if keep(k)} for r in a] == [{k: v for k, v in r.items() if keep(k)} for r in b]
 
 
 @pytest.mark.parametrize("mode", ["central", "local"])

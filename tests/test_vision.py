@@ -241,8 +241,9 @@ def test_family_injects_trains_one_step_and_evaluates(name, adapter):
         opt.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
     assert changed == set(exchange.trainable), sorted(changed ^ set(exchange.trainable))[:5]
-    acc, loss, n = evaluate(model, rows, range(len(rows)), 16, collate)
-    assert n == len(rows) and 0 <= acc <= 1 and np.isfinite(loss)
+    sums = evaluate(model, rows, range(len(rows)), 16, collate)
+    acc, loss = sums["correct"] / sums["examples"], sums["loss"] / sums["examples"]
+    assert sums["examples"] == len(rows) and 0 <= acc <= 1 and np.isfinite(loss)
 
 
 def test_efficientnet_pointwise_convs_are_plain_and_compute_what_the_package_computes():
@@ -297,10 +298,9 @@ def test_clip_zero_shot_picks_the_right_class_on_a_constructed_case():
         # W pooled_i = target_i for the three images: least squares with a 32-dim pooled output is exact
         clip.visual_projection.weight.copy_(torch.linalg.lstsq(pooled, target).solution.T)
     right = Pixels(pixels, [2, 0, 1])
-    acc, loss, n = evaluate(model, right, range(3), 8, collate)
-    assert (acc, n) == (1.0, 3) and loss < np.log(3)
-    wrong, _, _ = evaluate(model, Pixels(pixels, [0, 1, 2]), range(3), 8, collate)
-    assert wrong == 0.0
+    sums = evaluate(model, right, range(3), 8, collate)
+    assert (sums["correct"], sums["examples"]) == (3, 3) and sums["loss"] / 3 < np.log(3)
+    assert evaluate(model, Pixels(pixels, [0, 1, 2]), range(3), 8, collate)["correct"] == 0
 
 
 def test_clip_contrastive_loss_trains_both_towers_and_learns():

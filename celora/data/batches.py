@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+IGNORE = -100  # the target of a position no loss covers (a prompt, padding)
+
 
 class Encoded(torch.utils.data.Dataset):
     """Token ids and labels held as Python lists: row access without Arrow overhead per item."""
@@ -21,8 +23,27 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.input_ids[i], self.labels[i]
 
+    @property
+    def classes(self) -> list[int]:
+        """Each row's class id (what partitions and the data statistics group by)."""
+        return self.labels
+
     def lengths(self, indices: Sequence[int]) -> np.ndarray:
         return np.array([len(self.input_ids[i]) for i in indices])
+
+
+class AnswerRows(Encoded):
+    """Instruction rows of a causal LM: token ids, their targets (the answer's ids, IGNORE on the prompt), the
+    class id (`labels`) and, with a closed answer set, the token ids of the row's task's options."""
+
+    def __init__(self, dataset, options: list[list[list[int]]] | None = None):
+        super().__init__(dataset)
+        self.targets = list(dataset["targets"])
+        self.tasks = list(dataset["task"])
+        self.options = options
+
+    def __getitem__(self, i: int):
+        return self.input_ids[i], self.targets[i], None if self.options is None else self.options[self.tasks[i]]
 
 
 def right_pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,25 +124,42 @@ def train_loader(data: Encoded, indices: Sequence[int], batch_size: int, steps: 
     return DataLoader(subset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
 
 
+def eval_order(data: Encoded, indices: Sequence[int]) -> np.ndarray:
+    """The indices sorted by length (stable): the order of eval_batches."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return idx[np.argsort(data.lengths(idx), kind="stable")]
+
+
 def eval_batches(data: Encoded, indices: Sequence[int], batch_size: int, collate: Collate):
     """Batches sorted by length (less padding); order does not change accuracy or mean loss."""
-    idx = np.asarray(indices)
-    idx = idx[np.argsort(data.lengths(idx), kind="stable")]
+    idx = eval_order(data, indices)
     for start in range(0, len(idx), batch_size):
         yield collate([data[i] for i in idx[start:start + batch_size]])
 
 
 class AnswerCollate:
-    """Right-pads (ids, labels) rows of a causal LM: `labels` holds a token id at every answer position and
-    -100 elsewhere (the prompt), and padding gets -100 too, so the loss covers the answers only."""
+    """Right-pads instruction rows (ids, targets[, options]) of a causal LM. `labels` holds a token id at every
+    answer position and IGNORE elsewhere (the prompt; padding too), so the loss covers the answers only.
+    Rows with options (a closed answer set, token ids each) also give `options`: [rows, options, longest],
+    IGNORE-padded (a row with fewer options has all-IGNORE ones, which are never picked)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows):
-        for row, answer in rows:
-            if len(answer) != len(row):
-                raise ValueError(f"a row has {len(row)} token ids but {len(answer)} labels")
-        ids, mask = right_pad([r for r, _ in rows], self.pad_id)
-        labels, _ = right_pad([a for _, a in rows], -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for row in rows:
+            if len(row[1]) != len(row[0]):
+                raise ValueError(f"a row has {len(row[0])} token ids but {len(row[1])} labels")
+        ids, mask = right_pad([r[0] for r in rows], self.pad_id)
+        labels, _ = right_pad([r[1] for r in rows], IGNORE)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        options = [r[2] if len(r) > 2 else None for r in rows]
+        if any(o is not None for o in options):
+            if any(o is None for o in options):
+                raise ValueError("some rows of the batch have answer options and some have none")
+            width = max(len(t) for o in options for t in o)
+            batch["options"] = torch.full((len(rows), max(map(len, options)), width), IGNORE, dtype=torch.long)
+            for k, o in enumerate(options):
+                for j, t in enumerate(o):
+                    batch["options"][k, j, :len(t)] = torch.tensor(t, dtype=torch.long)
+        return batch

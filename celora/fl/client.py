@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -11,11 +11,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from celora.adapters import stacked
+from celora.data.batches import IGNORE
 from celora.tasks import Task
 from celora.tensors import State
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)  # one Trainer per client fit: keep the log quiet
+
+
+class Tokens:
+    """A count of the input tokens local training has processed (rows of clients still stepping only)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def take(self) -> int:
+        """The count since the last take."""
+        n, self.count = self.count, 0
+        return n
 
 
 @dataclass
@@ -26,6 +39,7 @@ class Fitting:
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]  # params -> optimiser (Hydra `_partial_`)
     grad_clip: float | None = None
     accelerator: str = "cpu"
+    tokens: Tokens = field(default_factory=Tokens)
 
 
 class LocalTraining(L.LightningModule):
@@ -40,8 +54,10 @@ class LocalTraining(L.LightningModule):
 
     def __init__(self, model: nn.Module, trainable: Iterable[str], task: Task,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-                 steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None):
+                 steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None,
+                 tokens: Tokens | None = None):
         super().__init__()
+        self.tokens = tokens or Tokens()
         self.model = model
         self.trainable = set(trainable)
         self.task = task
@@ -54,8 +70,12 @@ class LocalTraining(L.LightningModule):
         per_client = self.task.loss(self.model, batch, clients=len(self.steps) if self.steps else 1)
         self.losses.append(per_client.detach())
         if self.steps is None:
+            if "attention_mask" in batch:
+                self.tokens.count += int(batch["attention_mask"].sum())
             return per_client[0]
         active = torch.tensor([batch_idx < s for s in self.steps], device=per_client.device)
+        if "attention_mask" in batch:
+            self.tokens.count += int((batch["attention_mask"].view(len(self.steps), -1).sum(1) * active).sum())
         return (per_client * active).sum()
 
     def on_after_backward(self):
@@ -143,15 +163,17 @@ class CohortBatches:
 
 
 def concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Row-wise concatenation; token sequences (2-D) are right-padded to the longest (ids with pad_id, masks
-    with 0); images (`pixel_values`) all have one size and are concatenated as they are."""
+    """Row-wise concatenation; every dimension after the rows is right-padded to the longest (`input_ids` with
+    pad_id, `attention_mask` with 0, anything else, such as a causal LM's token targets and options, with
+    IGNORE); images (`pixel_values`) all have one size and are concatenated as they are."""
     out = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if parts[0].dim() == 2:
-            longest = max(p.shape[1] for p in parts)
-            fill = pad_id if key == "input_ids" else 0
-            parts = [F.pad(p, (0, longest - p.shape[1]), value=fill) for p in parts]
+        if key != "pixel_values" and parts[0].dim() >= 2:
+            fill = {"input_ids": pad_id, "attention_mask": 0}.get(key, IGNORE)
+            shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+            parts = [F.pad(p, [x for d in reversed(range(1, p.dim())) for x in (0, shape[d - 1] - p.shape[d])],
+                           value=fill) for p in parts]
         out[key] = torch.cat(parts)
     return out
 
@@ -173,7 +195,8 @@ def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fi
 
     The optimiser state is fresh each round.
     """
-    module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward)
+    module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward,
+                           tokens=fitting.tokens)
     _fit(module, batches, fitting.grad_clip, fitting.accelerator)
     return module.client_losses()[0]
 
@@ -187,7 +210,8 @@ def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[St
     loss and its trained tensors (on CPU). The optimiser state is fresh each round.
     """
     with stacked(model, states) as params:
-        module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward)
+        module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward,
+                               fitting.tokens)
         _fit(module, CohortBatches(loaders, steps, pad_id), fitting.grad_clip, fitting.accelerator)
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
     return module.client_losses(), finals

@@ -32,7 +32,7 @@ class OneByOne:
         return [(loss, snapshot(model, trainable))]
 
     def evaluate(self, model: nn.Module, fitting: Fitting, data: Encoded, states: Sequence[State],
-                 indices: Sequence[Sequence[int]], batch_size: int, collate: Collate) -> list[tuple[float, float, int]]:
+                 indices: Sequence[Sequence[int]], batch_size: int, collate: Collate) -> list[dict[str, float]]:
         load(model, states[0])
         return [evaluate(model, data, indices[0], batch_size, collate, fitting.task)]
 

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from celora.data.batches import Collate, Encoded, eval_batches
+from celora.data.batches import Collate, Encoded, eval_batches, eval_order
 from celora.privacy.stats import privatize
 from celora.seeds import STATS_NOISE, STATS_SUBSAMPLE, derive_seed
 from celora.similarity import ClassStats, class_gaussians
+from celora.tasks import Task
 
 KINDS = ("gaussian", "gmm")
 
@@ -43,19 +44,19 @@ class DataStats:
             raise ValueError(f"aggregator.data_stats.components must be >= 1, got {self.components}")
 
     @torch.no_grad()
-    def features(self, model: nn.Module, data: Encoded, indices, collate: Collate, seed: int):
-        """Pooled features the head sees, from the frozen pretrained backbone (C = 0 before round 1)."""
+    def features(self, model: nn.Module, task: Task, data: Encoded, indices, collate: Collate, seed: int):
+        """(features [n, d], class ids [n]) of a seeded subsample of the rows: what the task summarises of
+        each (the pooled features the head sees; a causal LM's prompt), from the model as it stands (the
+        frozen backbone: C = 0 before round 1)."""
         idx = np.asarray(indices)
         if self.max_examples is not None and len(idx) > self.max_examples:
             idx = np.sort(np.random.default_rng(seed).choice(idx, self.max_examples, replace=False))
         model.eval()
         device = next(model.parameters()).device
-        feats, labels = [], []
-        for batch in eval_batches(data, idx, self.batch_size, collate):
-            y = batch.pop("labels")
-            feats.append(model.features(**{k: v.to(device) for k, v in batch.items()}).double().cpu())
-            labels.append(y)
-        return torch.cat(feats), torch.cat(labels)
+        order = eval_order(data, idx)
+        feats = [task.features(model, {k: v.to(device) for k, v in batch.items()}).double().cpu()
+                 for batch in eval_batches(data, idx, self.batch_size, collate)]
+        return torch.cat(feats), torch.tensor([data.classes[i] for i in order])
 
     def summarize(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   seed: int) -> tuple[ClassStats, float | None]:
@@ -77,13 +78,13 @@ class Collected:
     sigma: float | None  # the noise std of the DP release, None without DP
 
 
-def collect(spec: DataStats, model: nn.Module, data: Encoded, rows: Sequence[np.ndarray], collate: Collate,
+def collect(spec: DataStats, model: nn.Module, task: Task, data: Encoded, rows: Sequence[np.ndarray], collate: Collate,
             num_classes: int, seed: int, value_bytes: int) -> Collected:
     """Each client summarises its training rows with the model as it stands (the frozen backbone: C = 0 before
     round 1), seeded per client; `value_bytes` is the wire size of one value."""
     stats, sigmas = [], []
     for i, mine in enumerate(rows):
-        feats, labels = spec.features(model, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i))
+        feats, labels = spec.features(model, task, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i))
         s, sigma = spec.summarize(feats, labels, num_classes, derive_seed(seed, STATS_NOISE, i))
         stats.append(s), sigmas.append(sigma)
     return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), sigmas[0] if sigmas else None)

@@ -8,30 +8,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from celora.data.batches import Collate, Encoded, eval_batches
+from celora.data.batches import Collate, Encoded, eval_batches, eval_order
 from celora.tasks import Task
 from celora.tasks.classify import Classify
 
 
+Sums = dict[str, float]  # a task's summed scores: examples, loss, correct, and what else the task counts
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int, collate: Collate,
-             task: Task | None = None) -> tuple[float, float, int]:
-    """(accuracy, mean loss, number of examples) under `task` (default: classification)."""
+             task: Task | None = None) -> Sums:
+    """The task's scores (default: classification) summed over `indices`; `task.rates` makes metrics of them."""
     task = task or Classify()
     model.eval()
     device = next(model.parameters()).device
-    correct, loss, n = 0, 0.0, 0
+    sums: dict[str, float] = {}
     for batch in eval_batches(data, indices, batch_size, collate):
-        scores = task.scores(model, {k: v.to(device) for k, v in batch.items()})
-        loss += scores["loss"][0].item()
-        correct += scores["correct"][0].item()
-        n += int(scores["examples"][0])
-    return correct / max(n, 1), loss / max(n, 1), n
+        for name, value in task.scores(model, {k: v.to(device) for k, v in batch.items()}).items():
+            sums[name] = sums.get(name, 0) + value[0].item()
+    return sums or {"examples": 0}
 
 
 @torch.no_grad()
 def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[int]], batch_size: int,
-                    collate: Collate, task: Task | None = None) -> list[tuple[float, float, int]]:
+                    collate: Collate, task: Task | None = None) -> list[Sums]:
     """evaluate() for K clients at once: the model holds their K stacked states, client k sees indices[k].
 
     Each pass takes the next block of ceil(batch_size / K) examples of every client's length-sorted
@@ -43,19 +44,17 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
     device = next(model.parameters()).device
     k = len(indices)
     block = max(1, math.ceil(batch_size / k))
-    order = [np.asarray(idx)[np.argsort(data.lengths(idx), kind="stable")] if len(idx) else np.array([], dtype=int)
-             for idx in indices]
+    order = [eval_order(data, idx) for idx in indices]
     filler = next(int(o[0]) for o in order if len(o))
-    correct, loss = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for start in range(0, max(len(o) for o in order), block):
         rows = [o[start:start + block].tolist() for o in order]
         valid = torch.tensor([[j < len(r) for j in range(block)] for r in rows])
         batch = collate([data[i] for r in rows for i in r + [filler] * (block - len(r))])
         scores = task.scores(model, {name: v.to(device) for name, v in batch.items()}, clients=k, valid=valid)
-        loss += scores["loss"]
-        correct += scores["correct"]
-    sizes = [len(o) for o in order]
-    return [(correct[c].item() / max(n, 1), loss[c].item() / max(n, 1), n) for c, n in enumerate(sizes)]
+        for name, value in scores.items():
+            sums[name] = sums.get(name, 0) + value.double()
+    return [{name: value[c].item() for name, value in sums.items()} for c in range(k)]
 
 
 def personal_summary(accs: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:

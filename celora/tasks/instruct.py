@@ -2,6 +2,7 @@
 the vocabulary logits are computed only where an answer token is predicted."""
 from __future__ import annotations
 
+import math
 import re
 import string
 
@@ -9,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from celora.data.batches import right_pad
+from celora.data.batches import IGNORE, right_pad
 from celora.tasks import Task
 from celora.tasks.classify import widened
 
-IGNORE = -100
 ACCURACY = ("likelihood", "generate")
 
 
@@ -51,12 +51,26 @@ def cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
     return tokens
 
 
-def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list[int]], pad_id: int) -> torch.Tensor:
-    """[prompts, options]: the summed log-likelihood of each option's tokens after each prompt."""
-    ids, mask = right_pad([p + o for p in prompts for o in options], pad_id)
-    labels, _ = right_pad([[IGNORE] * len(p) + o for p in prompts for o in options], IGNORE)
+def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]],
+                  pad_id: int) -> torch.Tensor:
+    """[prompts, most options]: the summed log-likelihood of each of a prompt's options (token ids; its own
+    list per prompt) after it; -inf where a prompt has fewer options (or an empty one)."""
+    pairs = [(k, j) for k, opts in enumerate(options) for j, o in enumerate(opts) if o]
+    out = torch.full((len(prompts), max(map(len, options))), -math.inf, dtype=torch.float64)
+    if not pairs:
+        return out
+    ids, mask = right_pad([prompts[k] + options[k][j] for k, j in pairs], pad_id)
+    labels, _ = right_pad([[IGNORE] * len(prompts[k]) + options[k][j] for k, j in pairs], IGNORE)
     ce, row = answer_token_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return -per_row(ce.double(), row, len(ids)).view(len(prompts), len(options))
+    ll = -per_row(ce.double(), row, len(pairs)).cpu()
+    rows, cols = zip(*pairs)
+    out[list(rows), list(cols)] = ll
+    return out
+
+
+def row_options(batch: dict[str, torch.Tensor]) -> list[list[list[int]]]:
+    """Each row's options as token lists, from the IGNORE-padded [rows, options, longest] `options`."""
+    return [[[t for t in o if t != IGNORE] for o in opts] for opts in batch["options"].tolist()]
 
 
 class Instruct(Task):
@@ -69,6 +83,7 @@ class Instruct(Task):
     """
 
     answers = "tokens"
+    metrics = ("acc", "loss", "ppl")
 
     def __init__(self, accuracy: str = "likelihood", max_new_tokens: int = 8):
         if accuracy not in ACCURACY:
@@ -91,6 +106,16 @@ class Instruct(Task):
         count = per_row(torch.ones_like(ce), client, clients)
         return total / count.clamp_min(1)
 
+    def features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen LM's last hidden state mean-pooled over the prompt (the positions that are no target)."""
+        prompt = (batch["attention_mask"] == 1) & (batch["labels"] == IGNORE)
+        return model.features(batch["input_ids"], batch["attention_mask"], pool_mask=prompt)
+
+    def rates(self, sums: dict[str, float]) -> dict[str, float]:
+        """Accuracy and mean loss per example, and the answer perplexity exp(answer-token loss / tokens)."""
+        tokens = max(sums.get("tokens", 0), 1)
+        return {**super().rates(sums), "ppl": math.exp(sums.get("token_loss", 0.0) / tokens)}
+
     @torch.no_grad()
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1,
                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -101,23 +126,32 @@ class Instruct(Task):
         ce, row = answer_token_losses(model, batch)
         tokens = per_row(torch.ones_like(ce, dtype=torch.float64), row, n).cpu()
         token_loss = per_row(ce.double(), row, n).cpu()
-        correct = self.correct(model, batch).cpu()
+        correct = self.correct(model, batch, answer_loglik=-token_loss).cpu()
         valid = torch.ones(clients, n // clients, dtype=torch.bool) if valid is None else valid.cpu()
         v = valid.reshape(-1)
         by_client = lambda x: (x * v).view(clients, -1).sum(1)  # noqa: E731
         return {"examples": valid.sum(1), "loss": by_client(token_loss / tokens.clamp_min(1)),
                 "tokens": by_client(tokens), "token_loss": by_client(token_loss), "correct": by_client(correct)}
 
-    def correct(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[rows] bool: whether each row's answer is found, by `accuracy`."""
+    def correct(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                answer_loglik: torch.Tensor | None = None) -> torch.Tensor:
+        """[rows] bool: whether each row's answer is found, by `accuracy`. `answer_loglik` ([rows], optional):
+        the log-likelihood of each row's own answer, already known from scoring it, so likelihood accuracy
+        computes only the other options'."""
         prompts, answers = split_rows(batch)
         if self.accuracy == "likelihood":
             if "options" not in batch:
                 raise ValueError("task.accuracy=likelihood needs a closed label set (the dataset's options); "
                                  "use task.accuracy=generate for open answers")
-            options = [[t for t in o if t != IGNORE] for o in batch["options"].tolist()]
-            best = option_loglik(model, prompts, options, _pad(batch)).argmax(1)
-            return torch.tensor([options[b] == a for b, a in zip(best.tolist(), answers)])
+            options = row_options(batch)
+            if answer_loglik is None:
+                best = option_loglik(model, prompts, options, _pad(batch)).argmax(1)
+                return torch.tensor([options[k][b] == a for k, (b, a) in enumerate(zip(best.tolist(), answers))])
+            # the others' likelihoods; the answer is found when none of them is higher than its own
+            others = [[o if o != a else [] for o in opts] for opts, a in zip(options, answers)]
+            rival = option_loglik(model, prompts, others, _pad(batch)).max(1).values
+            listed = torch.tensor([a in opts for opts, a in zip(options, answers)])
+            return listed & (answer_loglik.cpu().double() >= rival)
         tok = self.tokenizer
         eos = None if tok is None else tok.eos_token_id
         generated = greedy(model, prompts, self.max_new_tokens, eos, _pad(batch))
