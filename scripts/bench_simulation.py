@@ -2,10 +2,13 @@
 
     .venv/bin/python -m scripts.bench_simulation          # from the repo root: tiny_bert and minilm on the CPU
     .venv/bin/python -m scripts.bench_simulation --accelerator gpu --clients 64 --cohorts 1 4 8 16 32 all
+    .venv/bin/python -m scripts.bench_simulation --models smollm2 --clients 4 --cohorts 2 all --batch 4 --steps 2
 
 Every setting runs in its own process (so its peak memory is its own) on the same samples: N clients
 (IID, all sampled every round) x `steps` local steps x batch b. Centralized trains one model on the
 pooled data at the same total batch N x b for the same number of steps. One warm-up round is not timed.
+A causal LM (smollm2, tiny_llama, hf_causal_lm) trains on dataset=rt_instruct with task=instruct; tokens/s
+counts the input tokens of local training (prompt and answer, padding not counted).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+CAUSAL = ("smollm2", "tiny_llama", "hf_causal_lm")  # trained on instruction data
 
 
 def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch: int, rounds: int,
@@ -29,7 +33,7 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     from hydra.utils import instantiate
 
     from celora.adapters import inject
-    from celora.data.batches import Collate, Encoded
+    from celora.data import load
     from celora.fl.client import set_trainable
     from celora.fl.config import FLConfig
     from celora.seeds import FROZEN_FACTORS, derive_seed
@@ -46,12 +50,13 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
         f"aggregator={'centralized' if central else 'fedavg'}",
         f"simulation={'parallel' if mode == 'parallel' else 'sequential'}",
         *([f"simulation.cohort_size={cohort}"] if mode == "parallel" else []),
+        *(["dataset=rt_instruct", "task=instruct"] if model in CAUSAL else []),
     ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.model)
-    data = instantiate(cfg.dataset)(tokenizer=backbone.tokenizer, max_length=backbone.max_length, seed=cfg.seed)
+    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
     splits = instantiate(cfg.partition).split(data.train, clients, cfg.seed)
     net = backbone.classifier(data.num_classes, seed=cfg.seed)
     adapter = instantiate(cfg.adapter)
@@ -61,32 +66,33 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     fl = FLConfig(num_clients=clients, rounds=rounds + 1, sample_fraction=cfg.fl.sample_fraction)
     sim = instantiate(cfg.simulation)(
         model=net, exchange=Exchange.of(net, adapter, aggregator.communicates), aggregator=aggregator,
-        train=Encoded(data.train), test=Encoded(data.test), splits=splits, fl=fl, client=client,
-        seed=cfg.seed, collate=Collate(backbone.tokenizer.pad_token_id))
+        train=data.encoded("train"), test=data.encoded("test"), splits=splits, fl=fl, client=client,
+        seed=cfg.seed, collate=backbone.collate(), task=instantiate(cfg.task))
     set_trainable(net, sim.exchange.trainable)
     cuda = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     sim.train_round(0)  # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for rnd in range(1, rounds + 1):
-        sim.train_round(rnd)
+    tokens = sum(sim.train_round(rnd).get("train/tokens", 0) for rnd in range(1, rounds + 1))
     seconds = time.perf_counter() - t0
     samples = rounds * clients * batch * steps
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"samples_per_s": samples / seconds, "peak_mb": peak / 2**20, "samples": samples}
+    return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "peak_mb": peak / 2**20,
+            "samples": samples}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | setting | samples/s | peak memory (MB) | x sequential | x centralized |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | setting | samples/s | tokens/s | peak memory (MB) | x sequential | x centralized |",
+             "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         seq = next(r["samples_per_s"] for r in rows if r["mode"] == "sequential")
         cen = next(r["samples_per_s"] for r in rows if r["mode"] == "centralized")
         for r in rows:
             name = r["mode"] + (f" K={r['cohort']}" if r["mode"] == "parallel" else "")
-            lines.append(f"| {model} | {name} | {r['samples_per_s']:.0f} | {r['peak_mb']:.0f} | "
+            tokens = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"  # images have no tokens
+            lines.append(f"| {model} | {name} | {r['samples_per_s']:.0f} | {tokens} | {r['peak_mb']:.0f} | "
                          f"{r['samples_per_s'] / seq:.2f} | {r['samples_per_s'] / cen:.2f} |")
     return "\n".join(lines)
 

