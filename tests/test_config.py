@@ -99,9 +99,14 @@ def _text_args():
 def test_datasets_instantiate(name, tmp_path):
     from celora.data import load
 
-    extra = [f"dataset.cache_dir={tmp_path / 'cache'}"] if name in ("hf", "rotten_tomatoes", "hf_image") else []
+    instruct = name in ("rt_instruct", "party_instruct", "instruct_mix", "hf_instruct")  # causal LMs' data
+    extra = [f"dataset.cache_dir={tmp_path / 'cache'}"] if name in ("hf", "rotten_tomatoes", "hf_image") or instruct else []
     image = name in ("mnist", "fashion_mnist", "digits", "hf_image")
-    if name == "hf":
+    if name == "hf_instruct":
+        rows = tmp_path / "alpaca.jsonl"
+        rows.write_text("".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}\n' for i in range(40)))
+        extra += ["dataset.path=json", f"dataset.data_files=[{rows}]"]
+    elif name == "hf":
         csv = tmp_path / "reviews.csv"
         csv.write_text("text,label\n" + "".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40)))
         extra += ["dataset.path=csv", f"dataset.data_files=[{csv}]", "dataset.split_test=null"]
@@ -116,11 +121,20 @@ def test_datasets_instantiate(name, tmp_path):
     else:
         extra += ["dataset.limit=200"]
     loader = instantiate(_compose(f"dataset={name}", *extra).dataset)
-    data = load(loader, {"image_size": 16} if image else _text_args(), seed=0)
-    assert data.num_classes == (10 if name in ("mnist", "fashion_mnist", "digits") else 2)
+    if instruct:
+        from celora.models.llm import tiny_llama
+
+        args = tiny_llama().data_args()
+    else:
+        args = {"image_size": 16} if image else _text_args()
+    data = load(loader, args, seed=0)
+    classes = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "instruct_mix": 4, "hf_instruct": 1}
+    assert data.num_classes == classes.get(name, 2) and data.answers == ("tokens" if instruct else "classes")
     assert len(data.train) > len(data.test) > 0 and len(data.label_names) == data.num_classes
     rows = data.encoded("train")
-    assert len(rows) == len(data.train) and rows[0][1] == data.train["label"][0]
+    assert len(rows) == len(data.train) and rows.classes[0] == data.train["label"][0]
+    if not instruct:
+        assert rows[0][1] == data.train["label"][0]
     if image:
         assert data.train_pixels.shape[1:][-2:] == (16, 16)
     else:
@@ -136,6 +150,8 @@ def test_method_presets_pick_adapter_and_aggregator(name):
         assert not agg.communicates
     elif name == "celora":  # the tri adapter with personalised aggregation
         assert adapter.name == "tri" and agg.data_stats is not None
+    elif name == "tri_svd":  # frozen factors from W0's SVD, FedAvg
+        assert adapter.name == "tri" and adapter.init == "svd" and agg.communicates and agg.data_stats is None
     else:
         assert adapter.name == name and agg.communicates
 

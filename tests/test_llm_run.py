@@ -50,6 +50,15 @@ def test_every_method_runs_on_instruction_data(compose_cfg, tmp_path, method):
         assert last["comm/up_bytes"] > 0
 
 
+def test_dp_and_a_bf16_wire_on_instruction_data(compose_cfg, tmp_path):
+    plain = run(compose_cfg(*LLM, "method=tri"), run_dir=tmp_path / "plain")
+    dp = run(compose_cfg(*LLM, "method=tri", "privacy=client", "privacy.noise_multiplier=0.5",
+                         "fl.wire_dtype=bf16"), run_dir=tmp_path / "dp")
+    assert dp["last"]["privacy/epsilon"] > 0 and dp["last"]["train/loss"] != plain["last"]["train/loss"]
+    # bf16 on the wire: half of fp32's bytes for the same values, every round
+    assert dp["last"]["comm/up_bytes"] * 2 == plain["last"]["comm/up_bytes"]
+
+
 @pytest.mark.parametrize("aggregator", ["fedavg", "celora"])
 @pytest.mark.parametrize("adapter", ["lora", "tri"])
 def test_parallel_equals_sequential_on_instruction_data(compose_cfg, tmp_path, adapter, aggregator):
