@@ -7,7 +7,7 @@ import torch
 
 from celora.data.batches import IGNORE
 from celora.run import run
-from tolerance import DEEP, deep_approx, unit_roundoff
+from tolerance import DEEP, deep_approx, deep_equal, unit_roundoff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,14 +19,6 @@ EQUAL = [*LLM, "model.dropout=0", "model.dtype=fp64", "fl.wire_dtype=fp64", "cli
 
 def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _close(a, b):
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if a is None or b is None:
-        return a == b
-    return a == deep_approx(b)
 
 
 METHODS = ["lora", "ffa_lora", "fedsa_lora", "tri", "tri_svd", "celora", "local", "centralized"]
@@ -71,7 +63,7 @@ def test_parallel_equals_sequential_on_instruction_data(compose_cfg, tmp_path, a
     for a, b in zip(seq, par):
         for key in a:
             if not key.startswith("time/"):
-                assert _close(a[key], b[key]), (a["round"], key, a[key], b[key])
+                assert deep_equal(a[key], b[key]), (a["round"], key, a[key], b[key])
     # the issue's bound: within 1e-5 (DEEP roundings of fp64 are 1.1e-10)
     assert DEEP * unit_roundoff(torch.float64) < 1e-5
 

@@ -9,7 +9,7 @@ from celora.adapters import stacked
 from celora.fl.client import clip_per_client, client_slices, restore_slices
 from celora.run import run
 from conftest import TINY
-from tolerance import DEEP, assert_deep_close, deep_approx, gamma, unit_roundoff
+from tolerance import DEEP, assert_deep_close, deep_equal, gamma, unit_roundoff
 
 # fp64 (see tests/tolerance.py: DEEP), every dropout off; 4 Dirichlet clients of uneven size, 3 of them a round (partial participation),
 # at most 3 local steps but no more than 0.4 epochs, so small clients stop early and are masked.
@@ -54,15 +54,6 @@ def _run(compose_cfg, tmp_path, monkeypatch, *overrides):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _close(a, b):
-    """Two fp64 runs that differ only in the order of operations: DEEP roundings apart (tests/tolerance.py)."""
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if a is None or b is None or isinstance(a, str):
-        return a == b
-    return a == deep_approx(b)
-
-
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, adapter, aggregator):
@@ -76,7 +67,7 @@ def test_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, adapter,
     for a, b in zip(seq, par):
         for key in a:
             if not key.startswith("time/"):
-                assert _close(a[key], b[key]), (a["round"], key, a[key], b[key])
+                assert deep_equal(a[key], b[key]), (a["round"], key, a[key], b[key])
     assert [sorted(u) for u in seq_rec["uploads"]] == [sorted(u) for u in par_rec["uploads"]]
     for rnd, (us, up) in enumerate(zip(seq_rec["uploads"], par_rec["uploads"]), start=1):
         # the same sums in another order (batched matmuls), carried through AdamW: DEEP roundings of the norm
@@ -91,7 +82,7 @@ def test_parallel_all_clients_in_one_cohort(compose_cfg, tmp_path, monkeypatch):
     par, _ = _run(compose_cfg, tmp_path / "par", monkeypatch, "method=celora", "fl.sample_fraction=1.0",
                   "simulation=parallel", "simulation.cohort_size=all")
     for a, b in zip(seq, par):
-        assert _close([a["train/loss"], a["global/loss"], a["personal/loss"]],
+        assert deep_equal([a["train/loss"], a["global/loss"], a["personal/loss"]],
                       [b["train/loss"], b["global/loss"], b["personal/loss"]])
         assert a["personal/acc_by_client"] == b["personal/acc_by_client"]
 
@@ -113,7 +104,7 @@ def test_clipping_is_per_client():
         # its square root by half that plus one rounding, the division and the product one rounding each
         rel = 2 * gamma(sum(g[k].numel() for g in grads) + 3, torch.float32)
         for p, o in zip(params, own):
-            torch.testing.assert_close(p.grad[k], o.grad, rtol=rel, atol=0)
+            torch.testing.assertdeep_equal(p.grad[k], o.grad, rtol=rel, atol=0)
     # clipped to norm 1 / (1 + 1e-6 / |g|): torch's (and our) 1e-6 guard, plus the rounding above
     g0 = torch.linalg.vector_norm(torch.cat([g[0].flatten() for g in grads])).item()
     rel = 1e-6 / g0 + 2 * gamma(sum(g[0].numel() for g in grads) + 3, torch.float32)

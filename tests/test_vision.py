@@ -39,7 +39,7 @@ from celora.fl.wire import Exchange, Payload
 from celora.models import vision
 from celora.run import run
 from conftest import CONF_DIR
-from tolerance import assert_deep_close, deep_approx
+from tolerance import assert_deep_close, deep_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -421,15 +421,6 @@ def test_attention_adapter_bytes_per_round_match_the_formula(compose_cfg, tmp_pa
 # ---------------------------------------------------------------- parallel cohorts
 
 
-def _close(a, b):
-    """Two fp64 runs that differ only in the order of operations: DEEP roundings apart (tests/tolerance.py)."""
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if a is None or b is None or isinstance(a, str):
-        return a == b
-    return a == deep_approx(b)
-
-
 @pytest.mark.parametrize("model,method", [("tiny_vit", "lora"), ("tiny_clip", "celora")])
 def test_parallel_equals_sequential_on_images(compose_cfg, tmp_path, model, method):
     common = (f"model={model}", f"method={method}", "partition=dirichlet", "partition.alpha=0.5",
@@ -442,7 +433,7 @@ def test_parallel_equals_sequential_on_images(compose_cfg, tmp_path, model, meth
     for a, b in zip(seq, par):
         for key in a:
             if not key.startswith("time/"):
-                assert _close(a[key], b[key]), (a["round"], key, a[key], b[key])
+                assert deep_equal(a[key], b[key]), (a["round"], key, a[key], b[key])
 
 
 # ---------------------------------------------------------------- the linear probe script

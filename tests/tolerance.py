@@ -64,6 +64,16 @@ def deep_approx(expected: float, dtype: torch.dtype = torch.float64):
     return pytest.approx(expected, rel=DEEP * unit_roundoff(dtype), abs=DEEP * unit_roundoff(dtype))
 
 
+def deep_equal(a, b) -> bool:
+    """Two fp64 runs' metrics (numbers, lists of them, null, text) that differ only in the order of operations:
+    numbers DEEP roundings apart, the rest equal."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    if a is None or b is None or isinstance(a, str):
+        return a == b
+    return a == deep_approx(b)
+
+
 def simplex_sum_tol(k: int, magnitude: float, dtype: torch.dtype = torch.float64) -> float:
     """Bound on |sum(w) - 1| for a row of k weights from celora.similarity: a simplex projection of inputs
     of absolute value <= `magnitude`, or a softmax (magnitude 0).
