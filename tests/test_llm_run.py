@@ -182,3 +182,11 @@ def test_options_and_prompt_cut_on_the_embedded_sources(tmp_path):
         assert options == mix.options[task]
     short = party_instruct(tokenizer=tok, max_length=72, seed=0, limit=40, cache_dir=str(tmp_path))
     assert max(len(x) for x in short.train["input_ids"]) <= 72 and any(short.train["prompt_cut"])
+
+
+def test_instruction_data_under_a_classifier_is_refused_with_the_reason(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match=r"no EOS token.*instruction data is for causal LMs"):
+        run(compose_cfg("+debug=tiny", "dataset=rt_instruct", f"dataset.cache_dir={tmp_path}"), run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"dataset=celora.data.instruct.rt_instruct answers in tokens.*must agree"):
+        run(compose_cfg(*LLM, "task=classify", "dataset=rt_instruct", "partition=iid", f"dataset.cache_dir={tmp_path}"),
+            run_dir=tmp_path / "b")

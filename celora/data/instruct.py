@@ -79,7 +79,9 @@ class ChatFormat:
         self.after = tokenizer(after, add_special_tokens=False).input_ids
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token: an answer needs an end")
+            raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token, so an answer has no end: "
+                             "instruction data is for causal LMs (model=smollm2, hf_causal_lm or tiny_llama, with "
+                             "task=instruct); a classifier takes a labelled dataset (rotten_tomatoes, hf)")
         self.key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), before, after, self.eos)
 
     def answer(self, text: str) -> list[int]:
