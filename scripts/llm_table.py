@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -31,7 +32,7 @@ def table(paths: list[str]) -> str:
         rows = rows.sort_values("round")
         first, last = rows.iloc[0], rows.iloc[-1]
         share = "-"
-        if "weights" in str(last.get("aggregator._target_", "")).lower() or last.get("aggregator") == "celora":
+        if (Path(last["path"]) / "weights.jsonl").exists():  # personalised weights were logged
             shares = group_weight_share(last["path"])
             final = shares[shares["round"] == shares["round"].max()]
             share = f"{final['own'].mean():.2f} ({final['fedavg'].mean():.2f})"
