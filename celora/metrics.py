@@ -11,13 +11,16 @@ KEYS = (
     "round", "global/acc", "global/loss", "personal/acc", "personal/acc_unweighted",
     "personal/acc_worst10", "personal/loss", "train/loss", "comm/up_bytes", "comm/down_bytes",
     "comm/up_bytes_cum", "comm/down_bytes_cum", "fl/clients", "fl/rejected_clients", "time/round_s",
+    "personal/clients",
 )
 
 
 # Present in the runs they concern: DP, and the metrics a task adds (a causal LM's answer perplexity) and its
-# training throughput in tokens.
+# training throughput in tokens; the round's time in local training, on the server (screening, privacy,
+# aggregation) and in evaluation, on the rounds that have each.
 OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma",
-            "global/ppl", "personal/ppl", "train/tokens", "time/train_tokens_per_s")
+            "global/ppl", "personal/ppl", "train/tokens", "time/train_tokens_per_s",
+            "time/train_s", "time/server_s", "time/eval_s")
 
 
 def check_objective(key: str | None) -> None:

@@ -11,6 +11,7 @@ BATCHES = 4  # each client's batch order (round, client)
 STATS_SUBSAMPLE = 5  # the examples a client summarises for data-space similarity (client)
 STATS_NOISE = 6  # the DP noise on those summaries (client)
 UPLOAD_NOISE = 9  # the DP noise on a round's uploads (round)
+EVAL_CLIENTS = 10  # which clients personal evaluation scores when fl.eval_clients < all (once a run)
 
 
 def derive_seed(*parts: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +13,7 @@ from celora.data.partition import Partition
 from celora.fl.aggregators import Aggregator
 from celora.fl.cohorts import check_cohort_size
 from celora.fl.config import ClientConfig, FLConfig
+from celora.fl.engine import check_engine
 from celora.fl.wire import wire_dtype
 from celora.metrics import check_objective
 from celora.models.backbone import check_dropout, torch_dtype
@@ -89,9 +89,8 @@ def build(cfg: DictConfig) -> Parts:
     simulation = part("simulation", lambda: instantiate(cfg.simulation))
     task = part("task", lambda: instantiate(cfg.task))
     part("simulation", lambda: check_cohort_size(cfg.simulation.get("cohort_size")))
-    if cfg.simulation.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        problems.append(f"simulation.accelerator={cfg.simulation.accelerator} but this machine has no CUDA device "
-                        "visible to torch; use simulation.accelerator=cpu (or auto)")
+    part("simulation", lambda: check_engine(cfg.simulation.get("accelerator", "cpu"),
+                                            cfg.simulation.get("precision", "32-true")))
 
     part("optimized_metric", lambda: check_objective(cfg.get("optimized_metric")))
     model = cfg.get("model", {})

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # types only: the server's interface does not depend on how c
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
-    """sum_k w_k * state_k / sum_k w_k, key by key (accumulated in float64 for exactness)."""
+    """sum_k w_k * state_k / sum_k w_k, key by key, as one contraction over the stacked states (in float64)."""
     if len(states) != len(weights) or not states:
         raise ValueError("weighted_average needs one weight per state and at least one state")
     w = torch.tensor(weights, dtype=torch.float64)
@@ -23,9 +23,9 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
     w = w / w.sum()
     out = {}
-    for key in states[0]:
-        acc = sum(wk * s[key].double() for wk, s in zip(w, states))
-        out[key] = acc.to(states[0][key].dtype)
+    for key, ref in states[0].items():
+        stacked = torch.stack([s[key].double() for s in states])
+        out[key] = torch.tensordot(w, stacked, dims=1).to(ref.dtype)
     return out
 
 

@@ -1,7 +1,6 @@
 """Local training with Lightning: one client on the model's own tensors, or a cohort of clients stacked."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -12,12 +11,9 @@ from torch import nn
 
 from celora.adapters import stacked
 from celora.data.batches import IGNORE
+from celora.fl.engine import Engine
 from celora.tasks import Task
 from celora.tensors import State
-
-for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-    logging.getLogger(_name).setLevel(logging.ERROR)  # one Trainer per client fit: keep the log quiet
-
 
 class Tokens:
     """A count of the input tokens local training has processed (rows of clients still stepping only)."""
@@ -33,77 +29,112 @@ class Tokens:
 
 @dataclass
 class Fitting:
-    """How every local fit of a run goes: the task's loss, the optimiser, clipping, the device."""
+    """How every local fit of a run goes: the task's loss, the optimiser, clipping, the device and precision."""
 
     task: Task
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]  # params -> optimiser (Hydra `_partial_`)
     grad_clip: float | None = None
-    accelerator: str = "cpu"
+    engine: Engine = field(default_factory=Engine)  # the run's one Fabric: made once, shared by every fit
     tokens: Tokens = field(default_factory=Tokens)
 
 
 class LocalTraining(L.LightningModule):
-    """The task's loss on a cohort's batches, optimising only its trainable tensors.
+    """The task's loss on a cohort's batches, optimising only its trainable tensors: the one place where the
+    loss and the step are defined.
 
     Sequential is a cohort of one on the model's own tensors. A stacked cohort of K clients
     holds each trainable tensor as (K, ...) and sees K clients' rows per batch, client-major;
     the loss is the sum of each client's mean loss, so each client's gradient is its own.
     Clipping is per client, and a client past its `steps` is masked: its tensors and its
     optimiser state stay as they were after its last step.
+
+    `fit` drives it with the run's Lightning Fabric (`Engine`), not a `Trainer`: a Trainer made per
+    fit costs its set-up inside every client of every round, and its teardown moves the whole
+    module, backbone included, back to the CPU after each fit. Fabric is set up once per run and
+    leaves the model where it is; it supplies the device, autocast, the backward pass and the
+    optimiser step in the run's precision, and the loop below is all there is of the step. No step
+    reads a value back to the host: the per-client losses are gathered once, after the fit.
     """
 
     def __init__(self, model: nn.Module, trainable: Iterable[str], task: Task,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                  steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None,
-                 tokens: Tokens | None = None):
+                 tokens: Tokens | None = None, grad_clip: float | None = None):
         super().__init__()
         self.tokens = tokens or Tokens()
         self.model = model
         self.trainable = set(trainable)
         self.task = task
         self.optimizer_factory = optimizer
+        self.grad_clip = grad_clip
         self.steps = list(steps) if steps is not None else None  # None: not stacked
         self.losses: list[torch.Tensor] = []
         self.on_first_backward = on_first_backward  # sees the model's gradients once, before clipping
+        self.active: torch.Tensor | None = None  # [steps, K] on the device: which clients still step
 
     def training_step(self, batch, batch_idx):
         per_client = self.task.loss(self.model, batch, clients=len(self.steps) if self.steps else 1)
         self.losses.append(per_client.detach())
         if self.steps is None:
-            if "attention_mask" in batch:
-                self.tokens.count += int(batch["attention_mask"].sum())
             return per_client[0]
-        active = torch.tensor([batch_idx < s for s in self.steps], device=per_client.device)
-        if "attention_mask" in batch:
-            self.tokens.count += int((batch["attention_mask"].view(len(self.steps), -1).sum(1) * active).sum())
-        return (per_client * active).sum()
+        return (per_client * self.active[batch_idx]).sum()
 
-    def on_after_backward(self):
-        if self.on_first_backward is not None:
-            self.on_first_backward(self.model)
-            self.on_first_backward = None
-
-    def client_losses(self) -> list[float]:
-        """Each client's mean training loss over the steps it ran."""
-        losses = torch.stack(self.losses)
-        steps = self.steps or [len(losses)]
-        return [losses[:s, k].mean().item() for k, s in enumerate(steps)]
+    def count_tokens(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """The input tokens of the clients still stepping, counted on the host batch (no device read-back)."""
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return
+        if self.steps is None:
+            self.tokens.count += int(mask.sum())
+        else:
+            per_client = mask.reshape(len(self.steps), -1).sum(1)
+            self.tokens.count += int(sum(n for n, s in zip(per_client.tolist(), self.steps) if batch_idx < s))
 
     def configure_optimizers(self):
         params = [p for n, p in self.model.named_parameters() if n in self.trainable]
         return self.optimizer_factory(params)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def clip(self, engine: Engine, optimizer) -> None:
+        """torch's clip_grad_norm_ over the trainable tensors, or per client for a stacked cohort."""
+        engine.unscale(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.steps is None:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_val:
-            clip_per_client([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            clip_per_client(params, self.grad_clip)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        done = [k for k, s in enumerate(self.steps or []) if batch_idx >= s]
-        kept = client_slices(optimizer, done)
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        restore_slices(kept, done)
+    def fit(self, engine: Engine, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """One pass over `batches` on the engine's device and precision; the optimiser state is fresh."""
+        optimizer = engine.fabric.setup_optimizers(self.configure_optimizers())
+        if self.steps is not None:
+            t = torch.arange(max(self.steps)).unsqueeze(1)
+            self.active = (t < torch.tensor(self.steps).unsqueeze(0)).to(engine.device)
+        self.model.train()  # dropout is on while training
+        try:
+            for batch_idx, batch in enumerate(batches):
+                self.count_tokens(batch, batch_idx)
+                optimizer.zero_grad(set_to_none=True)
+                with engine.autocast():
+                    loss = self.training_step(engine.to_device(batch), batch_idx)
+                engine.fabric.backward(loss)
+                if self.on_first_backward is not None:
+                    self.on_first_backward(self.model)
+                    self.on_first_backward = None
+                if self.grad_clip:
+                    self.clip(engine, optimizer)
+                done = [k for k, s in enumerate(self.steps or []) if batch_idx >= s]
+                kept = client_slices(optimizer, done)
+                optimizer.step()
+                restore_slices(kept, done)
+            optimizer.zero_grad(set_to_none=True)  # no gradient outlives the fit
+        finally:
+            self.model.eval()
+
+    def client_losses(self) -> list[float]:
+        """Each client's mean training loss over the steps it ran (read back once, after the fit)."""
+        losses = torch.stack(self.losses).double().cpu()
+        steps = self.steps or [len(losses)]
+        return [losses[:s, k].mean().item() for k, s in enumerate(steps)]
 
 
 @torch.no_grad()
@@ -178,17 +209,6 @@ def concat(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str,
     return out
 
 
-def _fit(module: LocalTraining, batches, grad_clip: float | None, accelerator: str) -> None:
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=grad_clip, gradient_clip_algorithm="norm", num_sanity_val_steps=0,
-    )
-    module.model.train()  # Lightning keeps submodules' modes; dropout is on while training
-    trainer.fit(module, train_dataloaders=batches)
-    module.model.eval()
-
-
 def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fitting,
                 on_first_backward: Callable[[nn.Module], None] | None = None) -> float:
     """One client's local steps on the model's own tensors; returns its mean training loss.
@@ -196,8 +216,8 @@ def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fi
     The optimiser state is fresh each round.
     """
     module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward,
-                           tokens=fitting.tokens)
-    _fit(module, batches, fitting.grad_clip, fitting.accelerator)
+                           tokens=fitting.tokens, grad_clip=fitting.grad_clip)
+    module.fit(fitting.engine, batches)
     return module.client_losses()[0]
 
 
@@ -211,7 +231,7 @@ def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[St
     """
     with stacked(model, states) as params:
         module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward,
-                               fitting.tokens)
-        _fit(module, CohortBatches(loaders, steps, pad_id), fitting.grad_clip, fitting.accelerator)
+                               fitting.tokens, fitting.grad_clip)
+        module.fit(fitting.engine, CohortBatches(loaders, steps, pad_id))
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
     return module.client_losses(), finals

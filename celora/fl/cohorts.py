@@ -34,7 +34,7 @@ class OneByOne:
     def evaluate(self, model: nn.Module, fitting: Fitting, data: Encoded, states: Sequence[State],
                  indices: Sequence[Sequence[int]], batch_size: int, collate: Collate) -> list[dict[str, float]]:
         load(model, states[0])
-        return [evaluate(model, data, indices[0], batch_size, collate, fitting.task)]
+        return [evaluate(model, data, indices[0], batch_size, collate, fitting.task, fitting.engine)]
 
 
 class Stacked(OneByOne):
@@ -54,7 +54,7 @@ class Stacked(OneByOne):
 
     def evaluate(self, model, fitting, data, states, indices, batch_size, collate):
         with stacked(model, states):
-            return evaluate_cohort(model, data, indices, batch_size, collate, fitting.task)
+            return evaluate_cohort(model, data, indices, batch_size, collate, fitting.task, fitting.engine)
 
 
 def plan(cohort_size: int | str | None) -> OneByOne:

@@ -5,7 +5,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from celora.seeds import EVAL_CLIENTS
 
 ON_CLIENT_ERROR = ("skip", "raise")
 
@@ -19,6 +22,7 @@ class FLConfig:
     wire_dtype: torch.dtype = torch.float32
     max_update_norm_ratio: float | None = None  # reject an update this many times the round's median norm
     on_client_error: str = "skip"  # skip: a client whose training raises is left out of the round | raise
+    eval_clients: int | str = "all"  # personal evaluation of every client, or of this many (seeded, fixed for the run)
 
     def __post_init__(self):
         for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
@@ -29,12 +33,26 @@ class FLConfig:
         if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 1:
             raise ValueError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
                              f"got {self.max_update_norm_ratio}")
+        if not (self.eval_clients == "all" or isinstance(self.eval_clients, int) and
+                not isinstance(self.eval_clients, bool) and 1 <= self.eval_clients):
+            raise ValueError(f"fl.eval_clients must be 'all' or a positive number of clients, got {self.eval_clients!r}")
+        if isinstance(self.eval_clients, int) and self.eval_clients > self.num_clients:
+            raise ValueError(f"fl.eval_clients={self.eval_clients} is more than fl.num_clients={self.num_clients}; "
+                             f"use fl.eval_clients=all or at most {self.num_clients}")
         if self.on_client_error not in ON_CLIENT_ERROR:
             raise ValueError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
 
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.sample_fraction * self.num_clients))
+
+    def evaluated(self, seed: int) -> list[int]:
+        """The clients personal evaluation scores: all, or `eval_clients` of them drawn once from the run's seed
+        (their own stream, so the choice changes no training number)."""
+        if self.eval_clients == "all" or self.eval_clients >= self.num_clients:
+            return list(range(self.num_clients))
+        rng = np.random.default_rng([seed, EVAL_CLIENTS])
+        return sorted(rng.choice(self.num_clients, size=self.eval_clients, replace=False).tolist())
 
 
 @dataclass

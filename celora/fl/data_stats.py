@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches, eval_order
+from celora.fl.engine import Engine, autocast
 from celora.privacy.stats import privatize
 from celora.seeds import STATS_NOISE, STATS_SUBSAMPLE, derive_seed
 from celora.similarity import ClassStats, class_gaussians
@@ -44,7 +45,8 @@ class DataStats:
             raise ValueError(f"aggregator.data_stats.components must be >= 1, got {self.components}")
 
     @torch.no_grad()
-    def features(self, model: nn.Module, task: Task, data: Encoded, indices, collate: Collate, seed: int):
+    def features(self, model: nn.Module, task: Task, data: Encoded, indices, collate: Collate, seed: int,
+                 engine: Engine | None = None):
         """(features [n, d], class ids [n]) of a seeded subsample of the rows: what the task summarises of
         each (the pooled features the head sees; a causal LM's prompt), from the model as it stands (the
         frozen backbone: C = 0 before round 1)."""
@@ -54,9 +56,10 @@ class DataStats:
         model.eval()
         device = next(model.parameters()).device
         order = eval_order(data, idx)
-        feats = [task.features(model, {k: v.to(device) for k, v in batch.items()}).double().cpu()
-                 for batch in eval_batches(data, idx, self.batch_size, collate)]
-        return torch.cat(feats), torch.tensor([data.classes[i] for i in order])
+        with autocast(engine):
+            feats = [task.features(model, {k: v.to(device) for k, v in batch.items()}).double()
+                     for batch in eval_batches(data, idx, self.batch_size, collate)]
+        return torch.cat(feats).cpu(), torch.tensor([data.classes[i] for i in order])
 
     def summarize(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   seed: int) -> tuple[ClassStats, float | None]:
@@ -79,12 +82,12 @@ class Collected:
 
 
 def collect(spec: DataStats, model: nn.Module, task: Task, data: Encoded, rows: Sequence[np.ndarray], collate: Collate,
-            num_classes: int, seed: int, value_bytes: int) -> Collected:
+            num_classes: int, seed: int, value_bytes: int, engine: Engine | None = None) -> Collected:
     """Each client summarises its training rows with the model as it stands (the frozen backbone: C = 0 before
-    round 1), seeded per client; `value_bytes` is the wire size of one value."""
+    round 1), seeded per client, on the engine's device and precision; `value_bytes` is the wire size of one value."""
     stats, sigmas = [], []
     for i, mine in enumerate(rows):
-        feats, labels = spec.features(model, task, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i))
+        feats, labels = spec.features(model, task, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i), engine)
         s, sigma = spec.summarize(feats, labels, num_classes, derive_seed(seed, STATS_NOISE, i))
         stats.append(s), sigmas.append(sigma)
     return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), sigmas[0] if sigmas else None)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches, eval_order
+from celora.fl.engine import Engine, autocast
 from celora.tasks import Task
 from celora.tasks.classify import Classify
 
@@ -18,21 +19,24 @@ Sums = dict[str, float]  # a task's summed scores: examples, loss, correct, and 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int, collate: Collate,
-             task: Task | None = None) -> Sums:
-    """The task's scores (default: classification) summed over `indices`; `task.rates` makes metrics of them."""
+             task: Task | None = None, engine: Engine | None = None) -> Sums:
+    """The task's scores (default: classification) summed over `indices` on the engine's device and precision
+    (default: where the model is, in its own dtype); `task.rates` makes metrics of them. The sums stay on
+    the device until the last batch."""
     task = task or Classify()
     model.eval()
     device = next(model.parameters()).device
-    sums: dict[str, float] = {}
-    for batch in eval_batches(data, indices, batch_size, collate):
-        for name, value in task.scores(model, {k: v.to(device) for k, v in batch.items()}).items():
-            sums[name] = sums.get(name, 0) + value[0].item()
-    return sums or {"examples": 0}
+    sums: dict[str, torch.Tensor] = {}
+    with autocast(engine):
+        for batch in eval_batches(data, indices, batch_size, collate):
+            for name, value in task.scores(model, {k: v.to(device) for k, v in batch.items()}).items():
+                sums[name] = sums.get(name, 0) + value[0].to(device, torch.float64)
+    return {name: value.item() for name, value in sums.items()} or {"examples": 0}
 
 
 @torch.no_grad()
 def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[int]], batch_size: int,
-                    collate: Collate, task: Task | None = None) -> list[Sums]:
+                    collate: Collate, task: Task | None = None, engine: Engine | None = None) -> list[Sums]:
     """evaluate() for K clients at once: the model holds their K stacked states, client k sees indices[k].
 
     Each pass takes the next block of ceil(batch_size / K) examples of every client's length-sorted
@@ -51,10 +55,13 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
         rows = [o[start:start + block].tolist() for o in order]
         valid = torch.tensor([[j < len(r) for j in range(block)] for r in rows])
         batch = collate([data[i] for r in rows for i in r + [filler] * (block - len(r))])
-        scores = task.scores(model, {name: v.to(device) for name, v in batch.items()}, clients=k, valid=valid)
+        with autocast(engine):
+            scores = task.scores(model, {name: v.to(device) for name, v in batch.items()}, clients=k,
+                                 valid=valid.to(device))
         for name, value in scores.items():
-            sums[name] = sums.get(name, 0) + value.double()
-    return [{name: value[c].item() for name, value in sums.items()} for c in range(k)]
+            sums[name] = sums.get(name, 0) + value.to(device, torch.float64)
+    host = {name: value.tolist() for name, value in sums.items()}  # one read-back for the cohort
+    return [{name: value[c] for name, value in host.items()} for c in range(k)]
 
 
 def personal_summary(accs: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:

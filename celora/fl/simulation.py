@@ -20,6 +20,7 @@ from celora.fl.client import Fitting, set_trainable
 from celora.fl.cohorts import plan
 from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.data_stats import collect
+from celora.fl.engine import Engine
 from celora.fl.evaluation import evaluate, personal_summary
 from celora.fl.participants import Clients, Pooled
 from celora.fl.wire import SEED_BYTES, Exchange, Payload
@@ -48,18 +49,22 @@ class Simulation:
                  log: Callable[[dict], None] = lambda row: None,
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
                  num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
-                 cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None):
+                 cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None,
+                 precision: str = "32-true"):
         self.cohorts = plan(cohort_size)
+        self.engine = Engine(accelerator, precision)  # the run's one device and precision (one Fabric)
+        self.engine.place(model)  # the backbone moves once, here, and stays
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
         self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
         self.num_classes, self.progress = num_classes, progress
-        self.fitting = Fitting(task or Classify(), client.optimizer, client.grad_clip, accelerator)
+        self.fitting = Fitting(task or Classify(), client.optimizer, client.grad_clip, self.engine)
         self.privacy = privacy or NoPrivacy()
         initial = snapshot(model, exchange.trainable)
         private = {n: initial[n] for n in exchange.private}
         self.participants = (Pooled if aggregator.pooled else Clients)(splits, private)
         self.clients, self.trainers = self.participants.clients, self.participants.trainers
+        self.evaluated = fl.evaluated(seed)  # whose personal model each evaluation scores: fixed for the run
         self.global_state: State = {n: initial[n] for n in exchange.shared}
         self.personal: dict[int, State] = {}
         self.data_stats: list[ClassStats] | None = None  # what the clients summarised before round 1
@@ -182,7 +187,9 @@ class Simulation:
         for cohort in self.cohorts.groups(sampled):
             done, bad = self.train_guarded(rnd, cohort, received)
             trained.update(done), failed.update(bad)
-        throughput = self.throughput(rnd, time.perf_counter() - t0)
+        train_s = time.perf_counter() - t0
+        throughput = self.throughput(rnd, train_s)
+        t1 = time.perf_counter()
         if failed and not trained:  # a fault in every client is a fault of the run, not of a client
             first = next(iter(failed.values()))
             raise RuntimeError(f"round {rnd}: the local training of every client raised") from first
@@ -211,7 +218,8 @@ class Simulation:
                 self.log_matrix("weights", rnd, result.ids, result.weights)
         return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
                 "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
-                "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput}
+                "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput,
+                "time/train_s": train_s, "time/server_s": time.perf_counter() - t1}
 
     def throughput(self, rnd: int, seconds: float) -> dict:
         """The round's local-training tokens and tokens/s (logged too), for token inputs; {} for images."""
@@ -232,7 +240,7 @@ class Simulation:
         load(self.model, self.global_state)
         value_bytes = torch.tensor([], dtype=self.fl.wire_dtype).element_size()
         collected = collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
-                            self.collate, self.num_classes, self.seed, value_bytes)
+                            self.collate, self.num_classes, self.seed, value_bytes, self.engine)
         self.data_stats = collected.stats
         ids = list(range(len(self.clients)))
         for name, matrix in self.aggregator.prepare(collected.stats).items():
@@ -247,19 +255,25 @@ class Simulation:
         """Client i's own model: what it last received (or the global state) and its private tensors."""
         return {**self.personal.get(i, self.global_state), **self.participants.own(i)}
 
+    def timed_evaluation(self) -> dict:
+        t0 = time.perf_counter()
+        return {**self.evaluate(), "time/eval_s": time.perf_counter() - t0}
+
     def evaluate(self) -> dict:
         """global/<metric> of the server's model on the test split (NaN where there is no one model) and
-        personal/<metric> of each client's own model on its local test rows, for the task's metrics."""
+        personal/<metric> of each evaluated client's own model on its local test rows (every client, or the
+        fl.eval_clients drawn once: `personal/clients` says how many), for the task's metrics."""
         bs, task, out = self.client.eval_batch_size, self.fitting.task, {}
         state = self.participants.global_model(self.global_state, self.exchange.private)
         if state is not None:  # one model: evaluated on its own tensors in either grouping
             load(self.model, state)
-            sums = evaluate(self.model, self.test_data, range(len(self.test_data)), bs, self.collate, task)
+            sums = evaluate(self.model, self.test_data, range(len(self.test_data)), bs, self.collate, task,
+                            self.engine)
             out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
         else:
             out.update({f"global/{k}": math.nan for k in task.metrics})
         results = []
-        for cohort in self.cohorts.groups(list(range(len(self.clients)))):
+        for cohort in self.cohorts.groups(self.evaluated):
             results += self.cohorts.evaluate(self.model, self.fitting, self.train_data,
                                              [self.personal_state(i) for i in cohort],
                                              [self.clients[i].test for i in cohort], bs, self.collate)
@@ -270,6 +284,7 @@ class Simulation:
         pooled = {name: sum(r.get(name, 0) for r in results) for name in {n for r in results for n in r}}
         out.update({f"personal/{k}": v for k, v in task.rates(pooled).items() if k not in ("acc", "loss")})
         out["personal/acc_by_client"] = accs
+        out["personal/clients"] = len(self.evaluated)
         return out
 
     # -- the loop ----------------------------------------------------------------------------
@@ -283,7 +298,7 @@ class Simulation:
             # Round 0: each client receives the 64-bit init seed once (nothing is sent without a federation).
             seed_down = SEED_BYTES * self.fl.num_clients if self.aggregator.communicates else 0
             row = {"round": 0, "train/loss": math.nan, "comm/up_bytes": 0, "comm/down_bytes": seed_down,
-                   "fl/clients": 0, "fl/rejected_clients": 0, **self.upload_data_stats(), **self.evaluate()}
+                   "fl/clients": 0, "fl/rejected_clients": 0, **self.upload_data_stats(), **self.timed_evaluation()}
             self.cum["down"] += row["comm/down_bytes"]
             self.cum["up"] += row["comm/up_bytes"]
             rows.append(self._emit(row, t0))
@@ -297,7 +312,7 @@ class Simulation:
             self.cum["up"] += row["comm/up_bytes"]
             self.cum["down"] += row["comm/down_bytes"]
             if rnd % self.fl.eval_every == 0 or rnd == self.fl.rounds:
-                row.update(self.evaluate())
+                row.update(self.timed_evaluation())
                 rows.append(self._emit(row, t0))
                 acc = row["global/acc"] if not math.isnan(row["global/acc"]) else row["personal/acc"]
                 bar.set_postfix(acc=f"{acc:.3f}", up=f"{self.cum['up'] / 1e6:.2f}MB")

@@ -32,10 +32,10 @@ class Classify(Task):
         labels = batch["labels"]
         logits = model(**{k: v for k, v in batch.items() if k != "labels"})
         if valid is None and clients == 1:
-            return {"examples": torch.tensor([len(labels)]),
+            return {"examples": torch.tensor([len(labels)], device=labels.device),
                     "loss": F.cross_entropy(widened(logits), labels, reduction="sum").reshape(1),
                     "correct": (logits.argmax(-1) == labels).sum().reshape(1)}
-        ce = F.cross_entropy(widened(logits), labels, reduction="none").view(clients, -1).cpu().double()
-        hit = (logits.argmax(-1) == labels).view(clients, -1).cpu()
-        valid = torch.ones_like(hit) if valid is None else valid
+        ce = F.cross_entropy(widened(logits), labels, reduction="none").view(clients, -1).double()
+        hit = (logits.argmax(-1) == labels).view(clients, -1)
+        valid = torch.ones_like(hit) if valid is None else valid.to(hit.device)
         return {"examples": valid.sum(1), "loss": (ce * valid).sum(1), "correct": (hit & valid).sum(1)}

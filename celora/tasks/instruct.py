@@ -61,7 +61,9 @@ def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list
         return out
     ids, mask = right_pad([prompts[k] + options[k][j] for k, j in pairs], pad_id)
     labels, _ = right_pad([[IGNORE] * len(prompts[k]) + options[k][j] for k, j in pairs], IGNORE)
-    ce, row = answer_token_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    device = next(model.parameters()).device
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    ce, row = answer_token_losses(model, batch)
     ll = -per_row(ce.double(), row, len(pairs)).cpu()
     rows, cols = zip(*pairs)
     out[list(rows), list(cols)] = ll
@@ -190,8 +192,10 @@ def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos:
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
         ids, mask = right_pad([p + o for p, o in zip(prompts, out)], pad_id)
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         hidden = model.hidden(ids, mask)
-        last = hidden[torch.arange(len(ids)), mask.sum(1) - 1]
+        last = hidden[torch.arange(len(ids), device=device), mask.sum(1) - 1]
         nxt = model.lm_head(last).argmax(-1).tolist()
         for k, t in enumerate(nxt):
             if not done[k]:
