@@ -10,6 +10,13 @@ from torch import nn
 State = dict[str, torch.Tensor]  # parameter name -> tensor
 
 
+def client_dtype(backbone: torch.dtype) -> torch.dtype:
+    """What a client's own tensors (adapter factors, a head) are held in: the backbone's dtype, but at least
+    fp32. A bf16 backbone halves the frozen weights' memory; what trains and what is exchanged (at
+    fl.wire_dtype) keeps fp32 master values, as mixed precision does."""
+    return torch.promote_types(backbone, torch.float32)
+
+
 def snapshot(model: nn.Module, names: Iterable[str]) -> State:
     """Detached CPU copies of the named parameters."""
     params = dict(model.named_parameters())

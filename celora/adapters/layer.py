@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from celora.adapters.config import AdapterConfig
+from celora.tensors import client_dtype
 
 
 def base_weight_matrix(base: nn.Module) -> torch.Tensor:
@@ -70,7 +71,7 @@ class AdapterLayer(nn.Module):
                 f"use adapter.r <= {min(d_out, d_in)} or target other modules"
             )
         a, b = self._init_factors(w0, cfg, gen)
-        dtype, device = w0.dtype, w0.device
+        dtype, device = client_dtype(w0.dtype), w0.device  # a bf16 backbone keeps fp32 factors
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
         self.lora_B = nn.Parameter(b.to(device=device, dtype=dtype))
         if cfg.tri:
@@ -121,13 +122,13 @@ class AdapterLayer(nn.Module):
         factors act on block k only; frozen (unstacked) factors are shared by all blocks.
         """
         k, shape = self.cohort_size(), x.shape
-        h = self.dropout(x)
+        h = self.dropout(x).to(self.lora_A.dtype)  # a no-op unless the backbone is held in bf16
         if k is not None:
             h = h.reshape(k, -1, shape[-1])
         h = _project(h, self.lora_A)
         if self.lora_C is not None:
             h = _project(h, self.lora_C)
-        out = _project(h, self.lora_B) * self.scaling
+        out = (_project(h, self.lora_B) * self.scaling).to(x.dtype)
         return out if k is None else out.reshape(*shape[:-1], out.shape[-1])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from celora.models.backbone import Backbone
+from celora.tensors import client_dtype
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -59,13 +60,15 @@ class Classifier(nn.Module):
         return pool(hidden, inputs.get("attention_mask"), self.pooling)
 
     def forward(self, **inputs) -> torch.Tensor:
-        return self.head(self.features(**inputs))
+        feats = self.features(**inputs)
+        return self.head(feats.to(self.head.weight.dtype))  # a no-op unless the backbone is held in bf16
 
     @classmethod
     def frozen(cls, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str, seed: int) -> Classifier:
         """The backbone frozen under a fresh head seeded by `seed`: identical on every client given the seed."""
         torch.manual_seed(seed)
         model = cls(backbone, hidden_size, num_classes, pooling)
-        model.head.to(next(backbone.parameters()).dtype)  # drawn in fp32 (the same numbers), held as the backbone
+        # drawn in fp32 (the same numbers), held as the backbone (at least fp32: client_dtype)
+        model.head.to(client_dtype(next(backbone.parameters()).dtype))
         model.backbone.requires_grad_(False)
         return model
