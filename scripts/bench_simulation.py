@@ -1,8 +1,11 @@
-"""Train throughput and peak memory: sequential vs parallel simulation vs centralized, as a markdown table.
+"""Train throughput and peak memory: sequential vs parallel simulation vs centralized, as a markdown table;
+or, with several --clients, seconds per round (train, server, evaluation) and peak memory as clients grow.
 
     .venv/bin/python -m scripts.bench_simulation          # from the repo root: tiny_bert and minilm on the CPU
-    .venv/bin/python -m scripts.bench_simulation --accelerator gpu --clients 64 --cohorts 1 4 8 16 32 all
+    .venv/bin/python -m scripts.bench_simulation --accelerator gpu --precisions 32-true bf16-mixed \
+        --models minilm smollm2 --clients 32 --cohorts 1 8 32 all
     .venv/bin/python -m scripts.bench_simulation --models smollm2 --clients 4 --cohorts 2 all --batch 4 --steps 2
+    .venv/bin/python -m scripts.bench_simulation --clients 10,100,1000 --per-round 10   # the scaling table
 
 Every setting runs in its own process (so its peak memory is its own) on the same samples: N clients
 (IID, all sampled every round) x `steps` local steps x batch b. Centralized trains one model on the
@@ -23,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 CAUSAL = ("smollm2", "tiny_llama", "hf_causal_lm")  # trained on instruction data
+CAUSAL_DATA = ["dataset=rt_instruct", "task=instruct"]
 
 
 def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch: int, rounds: int,
-            accelerator: str) -> dict:
+            accelerator: str, precision: str = "32-true") -> dict:
     """Builds the run's objects as celora.run does, then times `rounds` training rounds after a warm-up one."""
     import torch
     from hydra import compose, initialize_config_dir
@@ -43,14 +47,14 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     overrides = [
         f"model={model}", "partition=iid", f"fl.num_clients={clients}", f"dataset.limit={clients * 100}",
         f"client.local_steps={steps}", "logger=none", "simulation.progress=false",
-        f"simulation.accelerator={accelerator}",
+        f"simulation.accelerator={accelerator}", f"simulation.precision={precision}",
         # centralized: one trainer on the pooled data, a round of `steps` batches of N x b
         f"client.batch_size={batch * clients if central else batch}",
         f"fl.sample_fraction={1 / clients if central else 1.0}",
         f"aggregator={'centralized' if central else 'fedavg'}",
         f"simulation={'parallel' if mode == 'parallel' else 'sequential'}",
         *([f"simulation.cohort_size={cohort}"] if mode == "parallel" else []),
-        *(["dataset=rt_instruct", "task=instruct"] if model in CAUSAL else []),
+        *(CAUSAL_DATA if model in CAUSAL else []),
     ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -83,47 +87,119 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | setting | samples/s | tokens/s | peak memory (MB) | x sequential | x centralized |",
-             "|---|---|---|---|---|---|---|"]
-    for model in dict.fromkeys(r["model"] for r in results):
-        rows = [r for r in results if r["model"] == model]
+    """One row per setting; the ratios are to the sequential and centralized rows of the same model, device
+    and precision, measured in the same run."""
+    lines = ["| model | device | precision | setting | samples/s | tokens/s | peak memory (MB) | x sequential | "
+             "x centralized |", "|---|---|---|---|---|---|---|---|---|"]
+    for group in dict.fromkeys((r["model"], r["accelerator"], r["precision"]) for r in results):
+        rows = [r for r in results if (r["model"], r["accelerator"], r["precision"]) == group]
         seq = next(r["samples_per_s"] for r in rows if r["mode"] == "sequential")
         cen = next(r["samples_per_s"] for r in rows if r["mode"] == "centralized")
         for r in rows:
             name = r["mode"] + (f" K={r['cohort']}" if r["mode"] == "parallel" else "")
             tokens = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"  # images have no tokens
-            lines.append(f"| {model} | {name} | {r['samples_per_s']:.0f} | {tokens} | {r['peak_mb']:.0f} | "
-                         f"{r['samples_per_s'] / seq:.2f} | {r['samples_per_s'] / cen:.2f} |")
+            lines.append(f"| {r['model']} | {r['accelerator']} | {r['precision']} | {name} | {r['samples_per_s']:.0f} | "
+                         f"{tokens} | {r['peak_mb']:.0f} | {r['samples_per_s'] / seq:.2f} | "
+                         f"{r['samples_per_s'] / cen:.2f} |")
     return "\n".join(lines)
+
+
+def scale(model: str, clients: int, per_round: int, rounds: int, steps: int, batch: int, method: str,
+          eval_clients: str, accelerator: str, precision: str, limit: int | None = None) -> dict:
+    """One whole run (celora.run) of `clients` IID clients, `per_round` of them a round, every round evaluated
+    (personal evaluation of `eval_clients`); its rows' time breakdown, averaged over rounds 1.., and round 0."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+
+    from celora.run import run
+
+    overrides = [
+        f"model={model}", "partition=iid", f"fl.num_clients={clients}", f"fl.sample_fraction={per_round / clients}",
+        f"dataset.limit={'null' if limit is None else limit}", f"fl.rounds={rounds}", "fl.eval_every=1", f"fl.eval_clients={eval_clients}",
+        f"client.local_steps={steps}", f"client.batch_size={batch}", "logger=none", "simulation.progress=false",
+        f"simulation.accelerator={accelerator}", f"simulation.precision={precision}", f"method={method}",
+        *(CAUSAL_DATA if model in CAUSAL else []),
+    ]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with tempfile.TemporaryDirectory() as out:
+        run(cfg, run_dir=out)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    later = rows[1:]
+    mean = lambda key: sum(r[key] for r in later) / len(later)  # noqa: E731
+    return {"round_s": mean("time/round_s"), "train_s": mean("time/train_s"), "server_s": mean("time/server_s"),
+            "eval_s": mean("time/eval_s"), "round0_s": rows[0]["time/round_s"],
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def scale_table(results: list[dict]) -> str:
+    first = results[0]
+    lines = ["| clients | per round | s / round | train | server | evaluation | round 0 (s) | peak RSS (MB) | "
+             f"x {first['clients']} clients |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['clients']} | {r['per_round']} | {r['round_s']:.2f} | {r['train_s']:.2f} | "
+                     f"{r['server_s']:.3f} | {r['eval_s']:.2f} | {r['round0_s']:.1f} | {r['peak_mb']:.0f} | "
+                     f"{r['round_s'] / first['round_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def _child(kind: str, setting: dict) -> dict:
+    """Measures one setting in a process of its own (so its peak memory is its own)."""
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", f"--{kind}", json.dumps(setting)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(f"{setting} failed:\n{out.stderr[-3000:]}")
+    return {**setting, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny_bert", "minilm"])
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", default="32", help="N (the throughput table), or N1,N2,... (the scaling table)")
     ap.add_argument("--cohorts", nargs="+", default=["1", "4", "8", "16", "all"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 2], help="local steps per model (last repeats)")
-    ap.add_argument("--rounds", type=int, default=1, help="timed rounds after the warm-up one")
-    ap.add_argument("--accelerator", default="cpu")
+    ap.add_argument("--rounds", type=int, default=1, help="timed rounds after the warm-up one (scaling: rounds)")
+    ap.add_argument("--accelerator", nargs="+", default=["cpu"], help="devices to measure: cpu, gpu, auto")
+    ap.add_argument("--precisions", nargs="+", default=["32-true"], help="32-true, bf16-mixed, 16-mixed")
+    ap.add_argument("--per-round", type=int, default=10, help="scaling: clients sampled a round")
+    ap.add_argument("--method", default="lora", help="scaling: the method preset (conf/method: lora, celora, ...)")
+    ap.add_argument("--eval-clients", default="all", help="scaling: fl.eval_clients")
+    ap.add_argument("--limit", type=int, help="scaling: dataset.limit (default: the whole dataset)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting measured in this process
+    ap.add_argument("--scale-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(**json.loads(args.one))))
+        return
+    if args.scale_one:
+        one = json.loads(args.scale_one)
+        print(json.dumps(scale(**one)))
+        return
+    counts = [int(n) for n in args.clients.split(",")]
+    if len(counts) > 1:
+        results = []
+        for n in counts:
+            one = dict(model=args.models[0], clients=n, per_round=args.per_round, rounds=args.rounds,
+                       steps=args.steps[0], batch=args.batch, method=args.method, eval_clients=args.eval_clients,
+                       accelerator=args.accelerator[0], precision=args.precisions[0], limit=args.limit)
+            results.append(_child("scale-one", one))
+            print(f"{n} clients: {results[-1]['round_s']:.2f} s a round", file=sys.stderr)
+        print(scale_table(results))
         return
     results = []
     for m, model in enumerate(args.models):
         steps = args.steps[min(m, len(args.steps) - 1)]
         settings = [("sequential", "")] + [("parallel", k) for k in args.cohorts] + [("centralized", "")]
-        for mode, cohort in settings:
-            one = dict(model=model, mode=mode, cohort=cohort, clients=args.clients, steps=steps, batch=args.batch,
-                       rounds=args.rounds, accelerator=args.accelerator)
-            out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", "--one", json.dumps(one)],
-                                 capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                sys.exit(f"{model} {mode} {cohort} failed:\n{out.stderr[-3000:]}")
-            results.append({**one, **json.loads(out.stdout.strip().splitlines()[-1])})
-            print(f"{model} {mode} {cohort}: {results[-1]['samples_per_s']:.0f} samples/s", file=sys.stderr)
+        for accelerator in args.accelerator:
+            for precision in args.precisions:
+                for mode, cohort in settings:
+                    one = dict(model=model, mode=mode, cohort=cohort, clients=counts[0], steps=steps,
+                               batch=args.batch, rounds=args.rounds, accelerator=accelerator, precision=precision)
+                    results.append(_child("one", one))
+                    print(f"{model} {accelerator} {precision} {mode} {cohort}: "
+                          f"{results[-1]['samples_per_s']:.0f} samples/s", file=sys.stderr)
     print(table(results))
 
 

@@ -179,10 +179,34 @@ def test_benchmark_prints_its_table():
 
     for model in ("tiny_bert", "tiny_llama"):  # a classifier, and a causal LM on instruction data
         rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(f"| {model} ")]
-        assert [r[1].strip() for r in rows] == ["sequential", "parallel K=2", "parallel K=all", "centralized"]
-        speed = {r[1].strip(): float(r[2]) for r in rows}
+        assert [r[3].strip() for r in rows] == ["sequential", "parallel K=2", "parallel K=all", "centralized"]
+        assert {(r[1].strip(), r[2].strip()) for r in rows} == {("cpu", "32-true")}
+        speed = {r[3].strip(): float(r[4]) for r in rows}
         for r in rows:
-            setting, ratio_seq, ratio_cen = r[1].strip(), float(r[5]), float(r[6])
-            assert float(r[3]) > 0 and float(r[4]) > 0  # tokens/s, peak memory
+            setting, ratio_seq, ratio_cen = r[3].strip(), float(r[7]), float(r[8])
+            assert float(r[5]) > 0 and float(r[6]) > 0  # tokens/s, peak memory
             assert ratio_seq == printed(speed[setting], speed["sequential"])
             assert ratio_cen == printed(speed[setting], speed["centralized"])
+
+
+def test_benchmark_scaling_table():
+    """--clients N1,N2: one row per number of clients, the round's time split into train, server and
+    evaluation (each at most the round's), and the ratio to the first row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", "--models", "tiny_bert", "--clients", "4,40",
+                          "--per-round", "2", "--rounds", "2", "--steps", "1", "--batch", "4", "--limit", "400",
+                          "--eval-clients", "4"], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [r[:2] for r in rows] == [["4", "2"], ["40", "2"]]
+    for r in rows:
+        total, parts = float(r[2]), [float(x) for x in r[3:6]]
+        assert all(x >= 0 for x in parts) and sum(parts) <= total + 0.015  # printed to 0.01 s (server 0.001)
+        assert float(r[7]) > 0
+    assert rows[0][8] == "1.00"
