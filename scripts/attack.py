@@ -16,6 +16,7 @@ from torch import nn
 
 from celora.adapters import AdapterConfig, inject
 from celora.data import load
+from celora.fl.engine import Engine
 from celora.fl.wire import Exchange
 from celora.plots import grouped_bars
 from celora.privacy.attack import local_update
@@ -84,6 +85,8 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
     data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
     case = instantiate(cfg.attack)  # the attack and what belongs to its modality (celora.privacy.cases)
     base = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
+    engine = Engine(cfg.get("accelerator", "cpu"))  # the attack runs where the simulation would: one device
+    engine.place(base)
     collate, test = backbone.collate(), data.encoded("test")
     batches = pick_batches(case.eligible(test), cfg.batch_sizes, cfg.num_batches, seed_of(cfg.seed, 7))
     steps, lr = cfg.client.local_steps, cfg.client.lr
@@ -102,15 +105,17 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
             for bs, chosen in batches.items():
                 for k, idx in enumerate(chosen):
                     t0 = time.perf_counter()
-                    batch = collate([test[i] for i in idx])
+                    batch = engine.to_device(collate([test[i] for i in idx]))
                     inputs = {n: v for n, v in batch.items() if n != "labels"}
                     delta = local_update(model, trained, inputs, batch["labels"], steps, lr)
                     upload = {n: start[n] + delta[n] for n in uploaded}
                     # one client, one round; local noise, so sampling amplifies nothing
                     privacy = instantiate(dspec)(sample_rate=1.0)
                     gen = torch.Generator().manual_seed(seed_of(cfg.seed, 8, bs, k))
-                    sent, metrics = privacy({0: upload}, {0: start}, {0: bs}, gen)
-                    observed = {n: sent[0][n] - start[n] for n in uploaded}
+                    # the defence acts on the upload as it leaves the client: on the host, as in the simulation
+                    host = lambda state: {n: t.cpu() for n, t in state.items()}  # noqa: E731
+                    sent, metrics = privacy({0: host(upload)}, {0: host(start)}, {0: bs}, gen)
+                    observed = {n: sent[0][n].to(engine.device) - start[n] for n in uploaded}
                     outcome = case.on_batch(model, observed, trained, batch, data.num_classes, steps, lr, gen,
                                             backbone)
                     key = {"victim": vname, "defence": dname, "batch_size": bs, "batch": k}

@@ -56,8 +56,13 @@ class Moves:
         monkeypatch.setattr(lightning.pytorch.Trainer, "__init__", no_trainer)
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=GPU)])
 @pytest.mark.parametrize("simulation", ["sequential", "parallel"])
-def test_model_stays_on_its_device_and_one_fabric_serves_the_run(compose_cfg, tmp_path, monkeypatch, simulation):
+def test_model_stays_on_its_device_and_one_fabric_serves_the_run(compose_cfg, tmp_path, monkeypatch, simulation,
+                                                                 accelerator):
     """Placed once, never moved again (Lightning's Trainer teardown used to call .cpu() after every fit), by
     one Fabric for training, data statistics (celora) and evaluation of every client of every round."""
     moves = Moves(monkeypatch)
@@ -75,10 +80,12 @@ def test_model_stays_on_its_device_and_one_fabric_serves_the_run(compose_cfg, tm
         return out
 
     monkeypatch.setattr(Simulation, "run", run_and_look)
-    run(compose_cfg(*TINY, f"simulation={simulation}", "aggregator=celora", "fl.num_clients=4"), run_dir=tmp_path)
+    run(compose_cfg(*TINY, f"simulation={simulation}", "aggregator=celora", "fl.num_clients=4",
+                    f"simulation.accelerator={accelerator}"), run_dir=tmp_path)
     assert moves.placed == 1 and moves.fabrics == 1
     assert moves.calls == []
     assert seen["devices"] == {seen["engine"]} and seen["same_storage"]
+    assert seen["engine"].type == ("cuda" if accelerator == "gpu" else "cpu")
     assert len(_rows(tmp_path)) == 3  # rounds 0, 1, 2: 8 client fits and 12 personal evaluations on one Fabric
 
 

@@ -69,7 +69,7 @@ def labels_from_bias(bias_update: Tensor, mean_probs: Tensor, lr: float, steps: 
     share = frac / frac.sum().clamp_min(1e-12) * batch
     counts = share.floor().long()
     counts[torch.argsort(share - counts, descending=True)[: batch - int(counts.sum())]] += 1
-    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
 
 def nearest_tokens(x: Tensor, table: Tensor, candidates: Tensor, required: Tensor) -> Tensor:
@@ -105,7 +105,8 @@ def _match(update: Callable[[Tensor, Tensor, bool], State], observed: State, x: 
     """Adam on the dummy input `x` (and soft labels when `labels` is None) to minimise the cosine distance
     between the replayed update and the observed one, plus `prior(x)`. Returns (x, label logits)."""
     x = x.requires_grad_(True)
-    label_logits = torch.randn(x.shape[0], num_classes, generator=generator).requires_grad_(True)
+    # drawn on the host from the seeded generator (the same numbers on every device), then moved
+    label_logits = torch.randn(x.shape[0], num_classes, generator=generator).to(x.device).requires_grad_(True)
     # label logits live on another scale than the inputs: their own step size
     groups = [{"params": [x], "lr": lr * step_size}]
     groups += [{"params": [label_logits], "lr": lr}] if labels is None else []
@@ -178,7 +179,7 @@ class TextAttack:
         table = model.backbone.get_input_embeddings().weight
         emb_name = next(n for n, p in model.named_parameters() if p is table)
         table = table.detach()
-        everything = torch.arange(table.shape[0])
+        everything = torch.arange(table.shape[0], device=table.device)
         special = template[~free].unique()
         leaked = leaked_tokens(observed[emb_name]) if emb_name in observed else everything[:0]
         leaked = leaked[~torch.isin(leaked, special)]
@@ -195,7 +196,7 @@ class TextAttack:
         bias = _bias_name(model)
         best = None
         for _ in range(self.restarts):
-            x = scale * torch.randn(fixed.shape, generator=generator)
+            x = scale * torch.randn(fixed.shape, generator=generator).to(fixed.device)
             known = labels if not self.infer_labels else None
             if self.infer_labels and bias in observed:
                 with torch.no_grad():
@@ -257,7 +258,7 @@ class ImageAttack:
         bias = _bias_name(model)
         best = None
         for _ in range(self.restarts):
-            z = torch.randn(shape, generator=generator)
+            z = torch.randn(shape, generator=generator).to(next(model.parameters()).device)
             known = labels if not self.infer_labels else None
             if self.infer_labels and bias in observed:
                 with torch.no_grad():

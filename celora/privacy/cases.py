@@ -36,7 +36,7 @@ class TextCase(TextAttack):
                  backbone) -> Outcome:
         tok = backbone.tokenizer
         ids, special = batch["input_ids"], tok.all_special_ids
-        free = ~torch.isin(ids, torch.tensor(special))
+        free = ~torch.isin(ids, torch.tensor(special, device=ids.device))
         template = torch.where(free, tok.pad_token_id, ids)  # the attacker knows lengths and special tokens
         rec = self(model, observed, names, template, batch["attention_mask"], free, batch["labels"], num_classes,
                    steps, client_lr, generator)
@@ -44,7 +44,7 @@ class TextCase(TextAttack):
         f1 = token_f1(guess, truth, special)
         scores = {"f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"],
                   "position_acc": position_accuracy(guess, truth, special), "candidates": rec.candidates}
-        return Outcome(scores, rec.labels, rec.loss, tok.batch_decode(truth, skip_special_tokens=True),
+        return Outcome(scores, rec.labels.cpu(), rec.loss, tok.batch_decode(truth, skip_special_tokens=True),
                        tok.batch_decode(guess, skip_special_tokens=True))
 
     @staticmethod
@@ -71,7 +71,8 @@ class ImageCase(ImageAttack):
                  num_classes: int, steps: int, client_lr: float, generator: torch.Generator,
                  backbone) -> Outcome:
         collate = backbone.collate()
-        mean, std, channels = collate.mean, collate.std, collate.channels
+        device = batch["pixel_values"].device
+        mean, std, channels = collate.mean.to(device), collate.std.to(device), collate.channels
         truth = batch["pixel_values"] * std + mean  # back to [0, 1]
         if channels > 1 and torch.allclose(truth, truth[:, :1].expand_as(truth), atol=1e-5):
             truth = truth[:, :1]  # grey images repeated by the collator: the attacker searches one channel
@@ -84,7 +85,7 @@ class ImageCase(ImageAttack):
         flat = torch.full_like(truth, truth.mean().item())  # the best guess without the upload: the mean intensity
         scores = {"psnr": psnr(rec.images, truth), "ssim": ssim(rec.images, truth),
                   "psnr_flat": psnr(flat, truth), "ssim_flat": ssim(flat, truth)}
-        return Outcome(scores, rec.labels, rec.loss, truth, rec.images)
+        return Outcome(scores, rec.labels.cpu(), rec.loss, truth.cpu(), rec.images.cpu())
 
     @staticmethod
     def write(outcomes: list[tuple[dict, Outcome]], out: Path) -> None:
