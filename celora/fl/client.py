@@ -15,6 +15,7 @@ from celora.fl.engine import Engine
 from celora.tasks import Task
 from celora.tensors import State
 
+
 class Tokens:
     """A count of the input tokens local training has processed (rows of clients still stepping only)."""
 
