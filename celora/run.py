@@ -8,19 +8,15 @@ import traceback
 import warnings
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from celora.adapters import adapter_layers, inject
-from celora.data import load
 from celora.data.partition import label_counts
 from celora.files import atomic_write
 from celora.fl import checkpoint
-from celora.fl.wire import Exchange
 from celora.metrics import Metrics, Sink, summarize
-from celora.seeds import FROZEN_FACTORS, derive_seed
 from celora.validate import build
+from celora.world import World, build_world
 
 log = logging.getLogger("celora")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -38,7 +34,8 @@ def _run_dir(run_dir) -> Path:
 
 
 # Keys that change no number of a run: a checkpoint may be resumed under other values of these.
-NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric")
+NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric",
+                  "flower")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -102,39 +99,14 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
             pass  # unreadable: written again below from the checkpoint
     (out / "summary.json").unlink(missing_ok=True)  # a run that trains has no summary until it ends
 
-    torch.manual_seed(cfg.seed)
-    fl, adapter, aggregator = parts.fl, parts.adapter, parts.aggregator
-
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
-    splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
-    counts = label_counts(data.train, splits, data.num_classes)
-    # latent groups, where the partition has them: the ground truth personalisation should find
-    groups = parts.partition.group_of(fl.num_clients)
-    (out / "partition.json").write_text(json.dumps(
-        {"label_names": data.label_names, "groups": groups, "clients": counts}, indent=1))
-    log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
-
-    check_answers(backbone, data, parts.task, cfg)
-    model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
-    targets = adapter.targets or backbone.default_targets
-    if not targets:
-        raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
-    # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
-    inject(model, adapter, targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
-    exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
-
+    world = build_world(cfg, parts)
+    write_partition(world, out)
     sink: Sink = instantiate(cfg.logger)
     metrics = Metrics(out, sink)
     summary: dict = {}
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)
-        sim = parts.simulation(
-            model=model, exchange=exchange, aggregator=aggregator, train=data.encoded("train"),
-            test=data.encoded("test"), splits=splits, fl=fl, client=parts.client, seed=cfg.seed,
-            collate=backbone.collate(), log=metrics.log,
-            log_matrix=metrics.log_matrix, num_classes=data.num_classes, privacy=parts.privacy, task=parts.task,
-        )
+        sim = world.simulation(log=metrics.log, log_matrix=metrics.log_matrix)
         before = 0.0  # seconds spent in earlier processes of this run
         if saved is not None:
             sim.load_state_dict(saved["simulation"])
@@ -151,31 +123,31 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
                 "elapsed_s": before + time.perf_counter() - t0})
 
         sim.run(on_round_end=save)
-        params = dict(model.named_parameters())
-        summary = {
-            **summarize(metrics.rows),  # the rows as logged: undefined metrics are null, not NaN
-            "time/total_s": before + time.perf_counter() - t0,
-            "params/trainable_per_client": sum(params[n].numel() for n in exchange.trainable),
-            "params/shared_per_client": sum(params[n].numel() for n in exchange.shared),
-            "params/adapted_modules": len(adapter_layers(model)),
-        }
+        summary = run_summary(metrics.rows, before + time.perf_counter() - t0, world)
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode())
-        last = summary["last"]
-        log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
-                 summary["time/total_s"], last.get("global/acc"), last["personal/acc"],
-                 last["comm/up_bytes_cum"] / 1e6, out)
+        log_done(summary, out)
     finally:
         sink.finish(summary)
     return summary
 
 
-def check_answers(backbone, data, task, cfg) -> None:
-    """Model, data and task must agree on what an answer is: a class (label logits) or tokens (a causal LM)."""
-    kinds = {"model": backbone.answers, "dataset": data.answers, "task": task.answers}
-    if len(set(kinds.values())) > 1:
-        said = ", ".join(f"{k}={OmegaConf.select(cfg, k + '._target_')} answers in {v}" for k, v in kinds.items())
-        raise ValueError(f"{said}: they must agree. A classifier backbone takes task=classify and a labelled "
-                         "dataset; a causal LM (smollm2, hf_causal_lm, tiny_llama) takes task=instruct and "
-                         "instruction data: dataset=rt_instruct, party_instruct, instruct_mix or hf_instruct "
-                         "(docs/llm.md)")
+def write_partition(world: World, out: Path) -> None:
+    """partition.json: each client's train and test label counts, the label names and any latent groups."""
+    counts = label_counts(world.data.train, world.splits, world.data.num_classes)
+    # latent groups, where the partition has them: the ground truth personalisation should find
+    groups = world.parts.partition.group_of(world.parts.fl.num_clients)
+    (out / "partition.json").write_text(json.dumps(
+        {"label_names": world.data.label_names, "groups": groups, "clients": counts}, indent=1))
+    log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
+
+def run_summary(rows: list[dict], seconds: float, world: World) -> dict:
+    """summary.json: the rows summarised (undefined metrics are null, not NaN), the wall time, parameter counts."""
+    return {**summarize(rows), "time/total_s": seconds, **world.param_counts()}
+
+
+def log_done(summary: dict, out: Path) -> None:
+    last = summary["last"]
+    log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
+             summary["time/total_s"], last.get("global/acc"), last["personal/acc"],
+             last["comm/up_bytes_cum"] / 1e6, out)

@@ -85,12 +85,18 @@ def collect(spec: DataStats, model: nn.Module, task: Task, data: Encoded, rows: 
             num_classes: int, seed: int, value_bytes: int, engine: Engine | None = None) -> Collected:
     """Each client summarises its training rows with the model as it stands (the frozen backbone: C = 0 before
     round 1), seeded per client, on the engine's device and precision; `value_bytes` is the wire size of one value."""
-    stats, sigmas = [], []
-    for i, mine in enumerate(rows):
-        feats, labels = spec.features(model, task, data, mine, collate, derive_seed(seed, STATS_SUBSAMPLE, i), engine)
-        s, sigma = spec.summarize(feats, labels, num_classes, derive_seed(seed, STATS_NOISE, i))
-        stats.append(s), sigmas.append(sigma)
-    return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), sigmas[0] if sigmas else None)
+    summaries = [client_summary(spec, model, task, data, mine, collate, num_classes, seed, i, engine)
+                 for i, mine in enumerate(rows)]
+    stats = [s for s, _ in summaries]
+    return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), summaries[0][1] if summaries else None)
+
+
+def client_summary(spec: DataStats, model: nn.Module, task: Task, data: Encoded, rows: np.ndarray, collate: Collate,
+                   num_classes: int, seed: int, client: int,
+                   engine: Engine | None = None) -> tuple[ClassStats, float | None]:
+    """Client `client`'s summary of its training rows, from its own seed streams: (summary, DP noise std or None)."""
+    feats, labels = spec.features(model, task, data, rows, collate, derive_seed(seed, STATS_SUBSAMPLE, client), engine)
+    return spec.summarize(feats, labels, num_classes, derive_seed(seed, STATS_NOISE, client))
 
 
 def _class_gmms(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, seed: int) -> ClassStats:

@@ -19,7 +19,7 @@ from celora.fl.aggregators import Aggregator
 from celora.fl.client import Fitting, set_trainable
 from celora.fl.cohorts import plan
 from celora.fl.config import ClientConfig, FLConfig
-from celora.fl.data_stats import collect
+from celora.fl.data_stats import Collected, collect
 from celora.fl.engine import Engine
 from celora.fl.evaluation import evaluate, personal_summary
 from celora.fl.participants import Clients, Pooled
@@ -173,20 +173,39 @@ class Simulation:
             done.update(ok), failed.update(bad)
         return done, failed
 
-    def train_round(self, rnd: int) -> dict:
-        ex, dtype = self.exchange, self.fl.wire_dtype
-        trained, failed, received = {}, {}, {}
-        up = down = 0
-        sampled = self.sample()
-        self.fitting.tokens.take()
-        for i in sampled:
-            downlink = Payload.pack(self.personal.get(i, self.global_state), ex.shared, dtype)
-            down += downlink.nbytes
-            received[i] = downlink.unpack()
-        t0 = time.perf_counter()
+    def downlink(self, i: int) -> Payload:
+        """What client i is sent this round: its personal state where the server keeps one, else the global."""
+        return Payload.pack(self.personal.get(i, self.global_state), self.exchange.shared, self.fl.wire_dtype)
+
+    def train_sampled(self, rnd: int, sampled: list[int], sent: dict[int, Payload],
+                      received: dict[int, State]) -> tuple[dict[int, tuple[float, State]], dict[int, Exception]]:
+        """The clients' side of a round: each sampled client trains from what it received. Returns (client ->
+        (mean loss, trained tensors), client -> why it failed); a failed client is left out of the round."""
+        trained, failed = {}, {}
         for cohort in self.cohorts.groups(sampled):
             done, bad = self.train_guarded(rnd, cohort, received)
             trained.update(done), failed.update(bad)
+        return trained, failed
+
+    def examples(self, i: int) -> int:
+        """Client i's training examples: its weight in the aggregate."""
+        return len(self.trainers[i].train)
+
+    def commit(self, rnd: int, accepted: list[int], privates: dict[int, State]) -> None:
+        """The accepted clients keep what they trained of their private tensors; a rejected one keeps its old."""
+        for i in accepted:
+            self.trainers[i].private = privates[i]
+
+    def train_round(self, rnd: int) -> dict:
+        ex, dtype = self.exchange, self.fl.wire_dtype
+        up = 0
+        sampled = self.sample()
+        self.fitting.tokens.take()
+        sent = {i: self.downlink(i) for i in sampled}
+        received = {i: payload.unpack() for i, payload in sent.items()}
+        down = sum(payload.nbytes for payload in sent.values())
+        t0 = time.perf_counter()
+        trained, failed = self.train_sampled(rnd, sampled, sent, received)
         train_s = time.perf_counter() - t0
         throughput = self.throughput(rnd, train_s)
         t1 = time.perf_counter()
@@ -199,15 +218,14 @@ class Simulation:
             uplink = Payload.pack(state, ex.shared, dtype)
             up += uplink.nbytes  # sent before the server could look at it: a rejected upload still counts
             uploads[i] = uplink.unpack()
-            privates[i] = {n: state[n] for n in ex.private}
+            privates[i] = {n: state[n] for n in ex.private if n in state}  # none reach a server over a network
         rejected = faults.screen(uploads, privates, received, self.fl.max_update_norm_ratio, losses)
         for i, why in rejected.items():
             log.warning("round %d: client %d's result is rejected: %s", rnd, i, why)
         accepted = [i for i in sorted(uploads) if i not in rejected]
-        for i in accepted:
-            self.trainers[i].private = privates[i]
+        self.commit(rnd, accepted, privates)
         uploads = {i: uploads[i] for i in accepted}
-        sizes = {i: len(self.trainers[i].train) for i in accepted}
+        sizes = {i: self.examples(i) for i in accepted}
         uploads, dp_metrics = self.privacy(uploads, received, sizes,
                                            torch.Generator().manual_seed(derive_seed(self.seed, UPLOAD_NOISE, rnd)))
         if uploads:  # with every client rejected the server keeps its state
@@ -219,7 +237,11 @@ class Simulation:
         return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
                 "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
                 "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput,
-                "time/train_s": train_s, "time/server_s": time.perf_counter() - t1}
+                **self.wire_metrics(), "time/train_s": train_s, "time/server_s": time.perf_counter() - t1}
+
+    def wire_metrics(self) -> dict:
+        """Extra byte counts of the round's transport, where there is one (a Flower run's records); {} here."""
+        return {}
 
     def throughput(self, rnd: int, seconds: float) -> dict:
         """The round's local-training tokens and tokens/s (logged too), for token inputs; {} for images."""
@@ -239,8 +261,7 @@ class Simulation:
             return {}
         load(self.model, self.global_state)
         value_bytes = torch.tensor([], dtype=self.fl.wire_dtype).element_size()
-        collected = collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
-                            self.collate, self.num_classes, self.seed, value_bytes, self.engine)
+        collected = self.collect_stats(spec, value_bytes)
         self.data_stats = collected.stats
         ids = list(range(len(self.clients)))
         for name, matrix in self.aggregator.prepare(collected.stats).items():
@@ -249,6 +270,11 @@ class Simulation:
         if collected.sigma is not None:
             out["privacy/stats_sigma"] = collected.sigma
         return out
+
+    def collect_stats(self, spec, value_bytes: int) -> Collected:
+        """Every client's data summary, from the model as it stands (the frozen backbone: C = 0)."""
+        return collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
+                       self.collate, self.num_classes, self.seed, value_bytes, self.engine)
 
     # -- evaluation --------------------------------------------------------------------------
     def personal_state(self, i: int) -> State:
@@ -272,11 +298,7 @@ class Simulation:
             out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
         else:
             out.update({f"global/{k}": math.nan for k in task.metrics})
-        results = []
-        for cohort in self.cohorts.groups(self.evaluated):
-            results += self.cohorts.evaluate(self.model, self.fitting, self.train_data,
-                                             [self.personal_state(i) for i in cohort],
-                                             [self.clients[i].test for i in cohort], bs, self.collate)
+        results = list(self.personal_sums(self.evaluated).values())
         rates = [task.rates(r) for r in results]
         accs, sizes = [r["acc"] for r in rates], [r.get("examples", 0) for r in results]
         out.update(personal_summary(accs, sizes))
@@ -284,7 +306,17 @@ class Simulation:
         pooled = {name: sum(r.get(name, 0) for r in results) for name in {n for r in results for n in r}}
         out.update({f"personal/{k}": v for k, v in task.rates(pooled).items() if k not in ("acc", "loss")})
         out["personal/acc_by_client"] = accs
-        out["personal/clients"] = len(self.evaluated)
+        out["personal/clients"] = len(results)
+        return out
+
+    def personal_sums(self, ids: list[int]) -> dict[int, dict[str, float]]:
+        """The task's summed scores of each client's own model on its local test rows (client -> sums)."""
+        out = {}
+        for cohort in self.cohorts.groups(ids):
+            out.update(zip(cohort, self.cohorts.evaluate(self.model, self.fitting, self.train_data,
+                                                         [self.personal_state(i) for i in cohort],
+                                                         [self.clients[i].test for i in cohort],
+                                                         self.client.eval_batch_size, self.collate)))
         return out
 
     # -- the loop ----------------------------------------------------------------------------
