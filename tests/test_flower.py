@@ -85,8 +85,6 @@ def _assert_same_uploads(ours: list[dict], theirs: list[dict]) -> None:
                 assert float((a[i][n] - b[i][n]).abs().max()) <= TOL * scale, (i, n)
 
 
-def _names_bytes(cfg_rows_path: Path) -> int:
-    return 0
 
 
 # -- the same numbers in Flower's Simulation Runtime (Ray) -----------------------------------------
@@ -295,3 +293,16 @@ def test_the_command_line_refuses_a_reference_method_before_ray_starts(tmp_path)
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "does not run in Flower" in proc.stderr
     assert "Ray" not in proc.stderr and "ray" not in proc.stdout
+
+
+# -- Flower's Deployment Runtime on 127.0.0.1 (minutes: a ClientApp process per message imports torch) --------
+@pytest.mark.slow
+def test_deployment_on_this_machine_equals_sequential(compose_cfg, tmp_path):
+    """scripts/flower_deploy.sh: one SuperLink, three SuperNodes, `flwr run .`; the run dir matches `python -m celora`."""
+    cfg = compose_cfg(*TINY)
+    run(cfg, tmp_path / "sequential")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "scripts" / "flower_deploy.sh"), str(tmp_path / "deploy"), *TINY],
+                          capture_output=True, text=True, timeout=1200, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_same_rows(_rows(tmp_path / "sequential"), _rows(tmp_path / "deploy"))
