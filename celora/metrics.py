@@ -17,10 +17,11 @@ KEYS = (
 
 # Present in the runs they concern: DP, and the metrics a task adds (a causal LM's answer perplexity) and its
 # training throughput in tokens; the round's time in local training, on the server (screening, privacy,
-# aggregation) and in evaluation, on the rounds that have each.
+# aggregation) and in evaluation, on the rounds that have each; in a Flower run, Flower's own count of the
+# round's records (ArrayRecord.count_bytes(): celora's bytes plus the tensors' names, docs/flower.md).
 OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma",
             "global/ppl", "personal/ppl", "train/tokens", "time/train_tokens_per_s",
-            "time/train_s", "time/server_s", "time/eval_s")
+            "time/train_s", "time/server_s", "time/eval_s", "comm/record_up_bytes", "comm/record_down_bytes")
 
 
 def check_objective(key: str | None) -> None:

@@ -6,6 +6,7 @@ or, with several --clients, seconds per round (train, server, evaluation) and pe
         --models minilm smollm2 --clients 32 --cohorts 1 8 32 all
     .venv/bin/python -m scripts.bench_simulation --models smollm2 --clients 4 --cohorts 2 all --batch 4 --steps 2
     .venv/bin/python -m scripts.bench_simulation --clients 10,100,1000 --per-round 10   # the scaling table
+    .venv/bin/python -m scripts.bench_simulation --flower   # FedIT: celora sequential, parallel, and in Flower
 
 Every setting runs in its own process (so its peak memory is its own) on the same samples: N clients
 (IID, all sampled every round) x `steps` local steps x batch b. Centralized trains one model on the
@@ -144,6 +145,62 @@ def scale_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# FedIT (LoRA r = 8 on query + value) on MiniLM-L6: 10 clients, 5 a round, 10 local steps of batch 16; evaluated at
+# round 0 and at the last round only, so the difference of two round counts leaves training rounds alone.
+FEDIT = ["model=minilm", "method=lora", "adapter.r=8", "fl.num_clients=10", "fl.sample_fraction=0.5",
+         "client.local_steps=10", "client.batch_size=16", "dataset.limit=2000", "fl.eval_every=1000",
+         "logger=none", "simulation.progress=false"]
+ENGINES = {  # name -> command (before the overrides)
+    "celora sequential": ["-m", "celora", "simulation=sequential"],
+    "celora parallel (K=all)": ["-m", "celora", "simulation=parallel"],
+    "Flower, num_cpus=2 (1 actor)": ["-m", "celora.flower", "flower.client_resources.num_cpus=2"],
+    "Flower, num_cpus=1 (2 actors)": ["-m", "celora.flower", "flower.client_resources.num_cpus=1"],
+}
+
+
+def whole_run(command: list[str], rounds: int, out: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the whole process tree, Ray's workers included) of one run."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *command, *FEDIT, f"fl.rounds={rounds}", f"hydra.run.dir={out}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    peak, root = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]  # Ray's GCS, raylet and workers descend from the driver
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{command} {rounds} rounds failed:\n{proc.stderr.read()[-3000:]}")
+    return seconds, peak / 2**20
+
+
+def flower_bench(low: int, high: int) -> str:
+    """Seconds per round of each engine: (T(high rounds) - T(low rounds)) / (high - low), start-up and the two
+    evaluations cancelling; peak memory of the longer run; ratios to celora sequential, all in this run."""
+    import tempfile
+
+    rows = []
+    for name, command in ENGINES.items():
+        with tempfile.TemporaryDirectory() as out:
+            t_low, _ = whole_run(command, low, f"{out}/low")
+            t_high, peak = whole_run(command, high, f"{out}/high")
+            summary = json.loads((Path(out) / "high" / "summary.json").read_text())
+        rows.append((name, (t_high - t_low) / (high - low), t_low, peak, summary["last"].get("global/acc")))
+        print(f"{name}: {rows[-1][1]:.2f} s a round", file=sys.stderr)
+    seq = rows[0][1]
+    lines = [f"| engine | s / round | whole run of {low} round(s) (s) | peak memory (MB) | global/acc after {high} | "
+             "x celora sequential (speed) |", "|---|---|---|---|---|---|"]
+    for name, per_round, t_low, peak, acc in rows:
+        lines.append(f"| {name} | {per_round:.2f} | {t_low:.1f} | {peak:.0f} | {acc:.4f} | {seq / per_round:.2f} |")
+    return "\n".join(lines)
+
+
 def _child(kind: str, setting: dict) -> dict:
     """Measures one setting in a process of its own (so its peak memory is its own)."""
     out = subprocess.run([sys.executable, "-m", "scripts.bench_simulation", f"--{kind}", json.dumps(setting)],
@@ -167,6 +224,8 @@ def main() -> None:
     ap.add_argument("--method", default="lora", help="scaling: the method preset (conf/method: lora, celora, ...)")
     ap.add_argument("--eval-clients", default="all", help="scaling: fl.eval_clients")
     ap.add_argument("--limit", type=int, help="scaling: dataset.limit (default: the whole dataset)")
+    ap.add_argument("--flower", action="store_true", help="FedIT on MiniLM: celora sequential, parallel and Flower")
+    ap.add_argument("--flower-rounds", type=int, nargs=2, default=[1, 3], help="--flower: the two round counts")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a JSON setting measured in this process
     ap.add_argument("--scale-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,6 +235,9 @@ def main() -> None:
     if args.scale_one:
         one = json.loads(args.scale_one)
         print(json.dumps(scale(**one)))
+        return
+    if args.flower:
+        print(flower_bench(*args.flower_rounds))
         return
     counts = [int(n) for n in args.clients.split(",")]
     if len(counts) > 1:

@@ -25,6 +25,7 @@ from celora.flower.records import (
 from celora.flower.server import serve
 from celora.flower.settings import FlowerSettings, check_flower
 from celora.flower.simulate import simulate
+from celora.metrics import KEYS, OPTIONAL
 from celora.run import run
 from celora.similarity import ClassStats
 from conftest import TINY
@@ -62,6 +63,8 @@ def _recording(monkeypatch) -> list[dict]:
 
 def _assert_same_rows(ours: list[dict], theirs: list[dict]) -> None:
     assert [r["round"] for r in ours] == [r["round"] for r in theirs]
+    for row in theirs:  # the one metrics schema
+        assert set(KEYS) <= set(row) and set(row) - set(KEYS) <= set(OPTIONAL) | {"personal/acc_by_client"}, row
     for a, b in zip(ours, theirs):
         keys = {k for k in a if not k.startswith("time/")}
         assert keys | {"comm/record_up_bytes", "comm/record_down_bytes"} == {k for k in b if not k.startswith("time/")}
@@ -306,3 +309,19 @@ def test_deployment_on_this_machine_equals_sequential(compose_cfg, tmp_path):
                           capture_output=True, text=True, timeout=1200, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     _assert_same_rows(_rows(tmp_path / "sequential"), _rows(tmp_path / "deploy"))
+
+
+def test_the_flower_benchmark_table(monkeypatch):
+    """scripts/bench_simulation.py --flower on a tiny workload, Flower included: one row per engine, rounds from the
+    difference of two round counts, ratios to celora sequential measured in the same run."""
+    import scripts.bench_simulation as bench
+
+    monkeypatch.setattr(bench, "FEDIT", [*TINY, "logger=none", "model.dropout=0"])
+    monkeypatch.setattr(bench, "ENGINES", {k: v for k, v in bench.ENGINES.items() if "num_cpus=1" not in k})
+    lines = bench.flower_bench(1, 2).splitlines()
+    assert lines[0].startswith("| engine | s / round | whole run of 1 round(s)") and len(lines) == 2 + 3
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[0] for r in rows] == ["celora sequential", "celora parallel (K=all)", "Flower, num_cpus=2 (1 actor)"]
+    # a tiny round is shorter than the noise of a process start, so its seconds are only checked to be numbers
+    assert rows[0][5] == "1.00" and all(math.isfinite(float(r[1])) and float(r[3]) > 0 for r in rows)
+    assert len({r[4] for r in rows}) == 1  # the same final global accuracy in every engine (dropout is off in tiny)

@@ -62,7 +62,8 @@ class FlowerRun(Simulation):
         for reply in replies:
             i = clients[reply.metadata.src_node_id]
             if reply.has_error():
-                failed[i] = f"its ClientApp failed ({reply.error.code}): {reply.error.reason.splitlines()[-1:]}"
+                last = (reply.error.reason or "").strip().splitlines()[-1:] or ["no reason given"]
+                failed[i] = f"its ClientApp failed (Flower error {reply.error.code}): {last[0]}"
             else:
                 got[i] = reply.content
         for i in messages:

@@ -21,6 +21,7 @@ def simulate(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     from celora.run import _run_dir
 
     parts = build(cfg)  # every config problem before Ray starts
+    logging.getLogger("flwr").setLevel(logging.INFO)  # Flower's debug lines are not the run's log
     settings = check_flower(cfg, parts.aggregator)
     out = _run_dir(run_dir)
     (out / "summary.json").unlink(missing_ok=True)
