@@ -214,6 +214,74 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def paired(runs: pd.DataFrame, split: list[str], arm: str, ours: list[str], metric: str = "personal/acc",
+           exclude: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Each of `ours` against the best other arm of each split, seed by seed.
+
+    `runs` is per_run()'s table (one row per finished run). Per `split` group, the best baseline is the arm
+    (a value of column `arm`, none of `ours` or `exclude`) of highest mean `metric` over seeds; the rows give
+    ours - best on the seeds both ran: its mean, std and n, each seed's difference, a paired t-test's p (n >= 2)
+    and a verdict: `win` or `loss` where p < 0.05, else `tie`."""
+    from scipy.stats import ttest_rel
+
+    out = []
+    for key, group in runs.groupby(split, dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        means = group.groupby(arm)[metric].mean()
+        others = means.drop([a for a in (*ours, *exclude) if a in means.index])
+        if others.empty:
+            continue
+        best = others.idxmax()
+        base = group[group[arm] == best].set_index("seed")[metric]
+        for mine in ours:
+            own = group[group[arm] == mine].set_index("seed")[metric]
+            seeds = sorted(set(own.index) & set(base.index))
+            if not seeds:
+                continue
+            diff = own.loc[seeds] - base.loc[seeds]
+            p = float(ttest_rel(own.loc[seeds], base.loc[seeds]).pvalue) if len(seeds) >= 2 and diff.std() > 0 else math.nan
+            verdict = "tie" if not p < 0.05 else ("win" if diff.mean() > 0 else "loss")
+            out.append({**dict(zip(split, key)), arm: mine, "best baseline": best, f"{metric} ours": own.loc[seeds].mean(),
+                        f"{metric} baseline": base.loc[seeds].mean(), "difference mean": diff.mean(),
+                        "difference std": diff.std(), "n": len(seeds),
+                        "per seed": ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diff)), "p": p, "verdict": verdict})
+    return pd.DataFrame(out)
+
+
+def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask of the points no other point beats: at most its bytes `x` and more accuracy `y`, or fewer bytes
+    and at least its accuracy."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    beaten = ((x[None, :] <= x[:, None]) & (y[None, :] > y[:, None])) | ((x[None, :] < x[:, None]) & (y[None, :] >= y[:, None]))
+    return ~beaten.any(axis=1)
+
+
+def frontier(runs: pd.DataFrame, by: list[str], metrics=("personal/acc", "global/acc")):
+    """Figure: each `metric` (a panel) against total uplink bytes (log x), a point per run labelled by `by`,
+    the Pareto front of each panel marked. `runs` is per_run()'s table; runs that send nothing are left out."""
+    runs = runs[runs["comm/up_bytes_cum"] > 0]
+    panels = {}
+    for metric in metrics:
+        have = runs[runs[metric].notna()] if metric in runs else runs.iloc[:0]
+        x, y = have["comm/up_bytes_cum"].to_numpy(float), have[metric].to_numpy(float)
+        groups = [label(r, by[:1]) for _, r in have.iterrows()]
+        tags = [", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in by[1:]) for _, r in have.iterrows()]
+        panels[metric] = (x, y, groups, tags, pareto(x, y) if len(x) else np.zeros(0, bool))
+    return plots.frontier(panels, "total uplink bytes (all clients, all rounds)")
+
+
+def frame_markdown(df: pd.DataFrame, digits: int = 4) -> str:
+    """Any DataFrame as a markdown table: floats to `digits` significant digits, NaN as `-`."""
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.{digits}g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def label(row, by: list[str]) -> str:
     """`method=lora, partition.alpha=0.1`, or the single key's value alone."""
     if len(by) == 1:

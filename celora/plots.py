@@ -114,3 +114,32 @@ def image_grid(rows: dict[str, "np.ndarray"], title: str = ""):
         fig.suptitle(title, fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def frontier(panels: dict[str, tuple], xlabel: str):
+    """One panel per metric: points (x, y) coloured by group and tagged, the Pareto front (mask) joined by a
+    step line and ringed. `panels`: metric -> (x, y, groups, tags, front)."""
+    fig = Figure(figsize=(6.0 * len(panels), 4.4))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    names = list(dict.fromkeys(g for _, _, groups, _, _ in panels.values() for g in groups))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    for ax, (metric, (x, y, groups, tags, front)) in zip(axes, panels.items()):
+        for name in names:
+            k = [i for i, g in enumerate(groups) if g == name]
+            order = sorted(k, key=lambda i: x[i])
+            ax.plot(x[order], y[order], marker="o", ms=5, lw=0.8, color=colour[name], label=name)
+        for i, tag in enumerate(tags):
+            if tag:
+                ax.annotate(tag, (x[i], y[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if front.any():
+            order = np.argsort(x[front])
+            ax.step(x[front][order], y[front][order], where="post", color="k", lw=1.2, alpha=0.6, label="Pareto front")
+            ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="k", lw=1.2)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against uplink")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

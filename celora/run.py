@@ -132,12 +132,14 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
 
 
 def write_partition(world: World, out: Path) -> None:
-    """partition.json: each client's train and test label counts, the label names and any latent groups."""
+    """partition.json: each client's train and test label counts (`scored_on`: test, or validation rows in a
+    tuning run), the label names and any latent groups."""
     counts = label_counts(world.data.train, world.splits, world.data.num_classes)
     # latent groups, where the partition has them: the ground truth personalisation should find
     groups = world.parts.partition.group_of(world.parts.fl.num_clients)
     (out / "partition.json").write_text(json.dumps(
-        {"label_names": world.data.label_names, "groups": groups, "clients": counts}, indent=1))
+        {"label_names": world.data.label_names, "groups": groups, "clients": counts,
+         "scored_on": "test" if world.validation is None else "validation"}, indent=1))
     log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
 
 

@@ -122,6 +122,13 @@ def build(cfg: DictConfig) -> Parts:
             problems.append(f"privacy.mode=central calibrates the server's noise to the size-weighted average, but "
                             f"the aggregator ({agg}) sends each client its own mix of the uploads, which that "
                             "noise does not cover; use privacy.mode=local")
+    if adapter is not None and adapter.init == "lora_sb" and aggregator is not None:
+        if aggregator.pooled or not aggregator.communicates:
+            problems.append(f"adapter.init=lora_sb (Fed-SB) averages the clients' round-0 gradients on a server, but the "
+                            f"aggregator ({type(aggregator).__name__}) has none; use aggregator=fedavg (method=fed_sb)")
+        if privacy is not None and privacy.active:
+            problems.append("adapter.init=lora_sb uploads each client's full-weight gradient in round 0, which "
+                            "privacy=client does not cover; use privacy=none or another adapter.init")
     if fl and fl.max_update_norm_ratio is not None and fl.clients_per_round < 3 and not (
             aggregator is not None and aggregator.pooled):
         problems.append(f"fl.max_update_norm_ratio compares each update with the round's median, which needs at "

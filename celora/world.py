@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,7 @@ from torch import nn
 
 from celora.adapters import adapter_layers, inject
 from celora.data import load
-from celora.data.partition import ClientSplit
+from celora.data.partition import ClientSplit, hold_out_validation
 from celora.fl.wire import Exchange
 from celora.seeds import FROZEN_FACTORS, derive_seed
 from celora.validate import Parts, build
@@ -33,13 +34,18 @@ class World:
     splits: list[ClientSplit]
     model: nn.Module
     exchange: Exchange
+    validation: np.ndarray | None = None  # a tuning run's pooled validation rows of data.train (client.val_fraction)
 
     def simulation(self, cls=None, **kwargs):
         """The run's Simulation (or `cls`, a subclass of it, with the same bound config) over this world."""
         bound = self.parts.simulation
         make = bound if cls is None else (lambda **kw: cls(*bound.args, **{**bound.keywords, **kw}))
+        train = self.data.encoded("train")
+        # a tuning run is scored on validation rows only: the global model on all clients' pooled ones
+        held_out = {"test": self.data.encoded("test")} if self.validation is None else {
+            "test": train, "test_rows": self.validation}
         return make(model=self.model, exchange=self.exchange, aggregator=self.parts.aggregator,
-                    train=self.data.encoded("train"), test=self.data.encoded("test"), splits=self.splits,
+                    train=train, **held_out, splits=self.splits, lora_sb=self.parts.adapter.init == "lora_sb",
                     fl=self.parts.fl, client=self.parts.client, seed=self.cfg.seed, collate=self.backbone.collate(),
                     num_classes=self.data.num_classes, privacy=self.parts.privacy, task=self.parts.task, **kwargs)
 
@@ -60,6 +66,11 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     backbone = instantiate(cfg.model)
     data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
     splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
+    validation = None
+    if parts.client.val_fraction > 0:
+        labels = np.asarray(data.train["label"][:])
+        splits = hold_out_validation(splits, labels, parts.client.val_fraction, cfg.seed)
+        validation = np.concatenate([s.test for s in splits])
     check_answers(backbone, data, parts.task, cfg)
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
@@ -68,7 +79,7 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
     inject(model, adapter, targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
-    return World(cfg, parts, backbone, data, splits, model, exchange)
+    return World(cfg, parts, backbone, data, splits, model, exchange, validation)
 
 
 def check_answers(backbone, data, task, cfg) -> None:

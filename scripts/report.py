@@ -1,19 +1,26 @@
 """Report on the runs under a directory: results table over seeds (markdown + CSV) and plots (PNG).
 
     python scripts/report.py multirun/2026-11-25/10-00-00 [--out DIR] [--by method partition.alpha]
-                             [--metric personal/acc] [--run 3]
+                             [--metric personal/acc] [--run 3] [--paired] [--frontier]
 
 Writes into --out (default PATH/report): results.md and results.csv (per group of the swept config
 keys, seeds aggregated: mean, std, n of final and best accuracy and of cumulative uplink), runs.csv
 (one row per run, with its status), accuracy_by_round.png, accuracy_vs_bytes.png, and for one run
 (--run, default the first finished one that has aggregation weights) partition.png and weights.png.
 The markdown table is printed too.
+
+--paired (the main table: --by split method) adds paired.md / paired.csv: each CE-LoRA arm (--ours, default
+celora and celora_local_head, tuned or not) against the best other method of its split (centralized, the
+pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict.
+--frontier (--by method adapter.r) adds frontier.png: personal and global accuracy against total uplink
+bytes, one point per run, the Pareto front marked, and frontier.md (the points, front ones marked).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from celora import analysis
@@ -28,7 +35,45 @@ def pick_run(df: pd.DataFrame, run: str | None) -> Path:
     return next((d for d in dirs if (d / "weights.jsonl").exists()), dirs[0])
 
 
-def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | None) -> str:
+OURS = ("celora", "celora_local_head")
+NOT_BASELINES = ("centralized",)
+
+
+def arms(names, bare: tuple[str, ...]) -> list[str]:
+    """The values of a method column that are one of `bare`, tuned (`tuned/<name>`) or not."""
+    return [n for n in names if str(n).removeprefix("tuned/") in bare]
+
+
+def paired_report(runs: pd.DataFrame, by: list[str], metric: str, ours: tuple[str, ...], out: Path) -> str:
+    arm = "method" if "method" in by else by[-1]
+    split = [k for k in by if k != arm]
+    names = runs[arm].unique()
+    table = analysis.paired(runs, split, arm, arms(names, ours), metric, tuple(arms(names, NOT_BASELINES)))
+    table.to_csv(out / "paired.csv", index=False)
+    md = (f"Paired against the best baseline of each split ({metric}, last round; ours - best, per seed; "
+          "verdict: paired t-test p < 0.05, else tie)\n\n" + analysis.frame_markdown(table, digits=3))
+    (out / "paired.md").write_text(md + "\n")
+    return md
+
+
+def frontier_report(runs: pd.DataFrame, by: list[str], out: Path) -> str:
+    analysis.frontier(runs, by).savefig(out / "frontier.png", dpi=100)
+    cols = [*by, "seed", "comm/up_bytes_cum", "personal/acc", "global/acc"]
+    table = runs[[c for c in cols if c in runs]].sort_values("comm/up_bytes_cum").reset_index(drop=True)
+    sent = table["comm/up_bytes_cum"] > 0
+    for metric in ("personal/acc", "global/acc"):
+        front = np.zeros(len(table), bool)
+        ok = sent & table[metric].notna()
+        front[ok.to_numpy()] = analysis.pareto(table.loc[ok, "comm/up_bytes_cum"], table.loc[ok, metric])
+        table[f"front ({metric})"] = np.where(front, "yes", "")
+    table["uplink MB"] = table.pop("comm/up_bytes_cum") / 1e6
+    md = analysis.frame_markdown(table, digits=4)
+    (out / "frontier.md").write_text(md + "\n")
+    return md
+
+
+def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | None,
+           paired: bool = False, frontier: bool = False, ours: tuple[str, ...] = OURS) -> str:
     """Writes the report files into `out`; returns the markdown."""
     df = analysis.load_runs(path)
     finished = df[df["status"] == "finished"]
@@ -47,6 +92,11 @@ def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | 
     if len(others):
         md += "\n\nNot in the table: " + ", ".join(f"run {r.run} ({r.status})" for r in others.itertuples())
     (out / "results.md").write_text(md + "\n")
+    done = analysis.per_run(finished)
+    if paired:
+        md += "\n\n" + paired_report(done, by, metric, ours, out)
+    if frontier:
+        md += "\n\n" + frontier_report(done, by, out)
 
     figures = {
         "accuracy_by_round": analysis.accuracy_by_round(finished, metric, by),
@@ -69,8 +119,12 @@ def main() -> None:
     ap.add_argument("--by", nargs="+", help="config keys to group by (default: the swept keys)")
     ap.add_argument("--metric", default="personal/acc", help="the accuracy the plots show")
     ap.add_argument("--run", help="the run (id as in runs.csv, or a dir) whose partition and weights are drawn")
+    ap.add_argument("--paired", action="store_true", help="paired differences to the best baseline per split")
+    ap.add_argument("--ours", nargs="+", default=list(OURS), help="the arms --paired compares (default: %(default)s)")
+    ap.add_argument("--frontier", action="store_true", help="accuracy against uplink with the Pareto front")
     args = ap.parse_args()
-    print(report(args.path, args.out or args.path / "report", args.by, args.metric, args.run))
+    print(report(args.path, args.out or args.path / "report", args.by, args.metric, args.run,
+                 args.paired, args.frontier, tuple(args.ours)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 FACTORS = ("A", "B", "C")
 HEAD_POLICIES = ("shared", "local")
+INITS = ("random", "svd", "lora_sb")
 
 
 @dataclass
@@ -21,7 +22,7 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None  # None: the model family's default targets
-    init: str = "random"  # random | svd
+    init: str = "random"  # random | svd (from W0, tri) | lora_sb (Fed-SB: from round 0's mean gradient, tri)
     zero: str = "B"  # the factor that starts at zero, so round 0 is the pretrained model; C: a tri adapter
     trainable: list[str] = field(default_factory=lambda: ["A", "B"])
     shared: list[str] = field(default_factory=lambda: ["A", "B"])
@@ -41,8 +42,12 @@ class AdapterConfig:
             raise ValueError(f"adapter.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in ("random", "svd"):
-            raise ValueError(f"adapter.init must be 'random' or 'svd', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"adapter.init must be one of {INITS}, got {self.init!r}")
+        if self.init == "lora_sb" and not (self.tri and self.trainable == ["C"]):
+            raise ValueError("adapter.init=lora_sb (Fed-SB) derives the frozen A and B of a tri adapter from round 0's "
+                             f"gradients, but this adapter is {'a tri one training ' + str(self.trainable) if self.tri else 'not tri'}; "
+                             "use adapter=tri (trainable: [C]) or method=fed_sb")
         if self.head not in HEAD_POLICIES:
             raise ValueError(f"adapter.head must be one of {HEAD_POLICIES}, got {self.head!r}")
         for key in ("trainable", "shared"):

@@ -13,7 +13,11 @@ from celora.tensors import client_dtype
 
 def base_weight_matrix(base: nn.Module) -> torch.Tensor:
     """The base map as a (d_out, d_in) matrix view, whatever the layer's own layout."""
-    w = base.weight
+    return as_matrix(base, base.weight)
+
+
+def as_matrix(base: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """`w`, shaped as `base`'s weight (the weight itself, or its gradient), as a (d_out, d_in) view."""
     if isinstance(base, nn.Linear):
         return w
     if isinstance(base, nn.Conv2d):  # 1x1 convolution: (out, in, 1, 1)

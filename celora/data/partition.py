@@ -14,6 +14,8 @@ from flwr_datasets.partitioner import (
 )
 from sklearn.model_selection import train_test_split
 
+from celora.seeds import VALIDATION, derive_seed
+
 INDEX = "__index__"
 
 
@@ -70,16 +72,37 @@ class Partition:
 
     def _local_split(self, rows: np.ndarray, labels: np.ndarray, seeds: np.random.SeedSequence) -> ClientSplit:
         rows = np.sort(rows)  # so the split depends on which rows a client has, not their order
-        labels = labels[rows]
         if self.local_test_fraction == 0:
             return ClientSplit(train=rows, test=rows[:0])
-        n_test = int(np.clip(round(self.local_test_fraction * len(rows)), 1, len(rows) - 1))
-        classes, counts = np.unique(labels, return_counts=True)
-        # Stratify only where every class can appear on both sides; otherwise a plain seeded split.
-        stratify = counts.min() >= 2 and min(n_test, len(rows) - n_test) >= len(classes)
-        train, test = train_test_split(rows, test_size=n_test, random_state=int(seeds.generate_state(1)[0]),
-                                       stratify=labels if stratify else None)
-        return ClientSplit(train=np.sort(train), test=np.sort(test))
+        train, test = carve(rows, labels, self.local_test_fraction, int(seeds.generate_state(1)[0]))
+        return ClientSplit(train=train, test=test)
+
+
+def carve(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) of sorted `rows`: `fraction` of them (rounded, at least 1, leaving at least 1) held out,
+    stratified by `labels[rows]` where every class can appear on both sides, else a plain seeded split."""
+    y = labels[rows]
+    n_out = int(np.clip(round(fraction * len(rows)), 1, len(rows) - 1))
+    classes, counts = np.unique(y, return_counts=True)
+    stratify = counts.min() >= 2 and min(n_out, len(rows) - n_out) >= len(classes)
+    kept, out = train_test_split(rows, test_size=n_out, random_state=seed, stratify=y if stratify else None)
+    return np.sort(kept), np.sort(out)
+
+
+def hold_out_validation(splits: list[ClientSplit], labels: np.ndarray, fraction: float,
+                        seed: int) -> list[ClientSplit]:
+    """Each client's validation split, carved out of its local train (`client.val_fraction`), in the place of
+    its local test: a tuning run trains on the rest and is scored on validation rows only, so it never reads
+    a test row. Seeded per client (seeds.VALIDATION), independent of the train/test split's draw."""
+    out = []
+    for cid, s in enumerate(splits):
+        if len(s.train) < 2:
+            raise ValueError(f"client {cid} has {len(s.train)} training example(s): client.val_fraction={fraction} "
+                             "needs >= 2 (one to train on, one to validate); use fewer clients or "
+                             "client.val_fraction=0")
+        train, val = carve(s.train, labels, fraction, derive_seed(seed, VALIDATION, cid) % 2**32)
+        out.append(ClientSplit(train=train, test=val))
+    return out
 
 
 def _require_column(dataset: datasets.Dataset, column: str) -> None:

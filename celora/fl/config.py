@@ -66,6 +66,7 @@ class ClientConfig:
     lr: float | None = None  # the optimizer's learning rate (its config node reads ${client.lr}); checked here
     grad_clip: float | None = 1.0
     max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
+    val_fraction: float = 0.0  # > 0: this share of each client's local train is its validation split, scored instead of any test row
 
     def __post_init__(self):
         for key in ("local_steps", "batch_size", "eval_batch_size"):
@@ -75,6 +76,9 @@ class ClientConfig:
             raise ValueError(f"client.lr={self.lr} must be > 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"client.val_fraction={self.val_fraction} must be in [0, 1): 0 scores the test rows, "
+                             "e.g. 0.2 holds a fifth of each client's training rows out for validation")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
 

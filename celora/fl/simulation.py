@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from celora.adapters import silent_layers
 from celora.data.batches import Collate, Encoded, train_loader
-from celora.fl import faults
+from celora.fl import faults, lora_sb
 from celora.fl.aggregators import Aggregator
 from celora.fl.client import Fitting, set_trainable
 from celora.fl.cohorts import plan
@@ -50,12 +50,13 @@ class Simulation:
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
                  num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
                  cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None,
-                 precision: str = "32-true"):
+                 precision: str = "32-true", test_rows: Sequence[int] | None = None, lora_sb: bool = False):
         self.cohorts = plan(cohort_size)
         self.engine = Engine(accelerator, precision)  # the run's one device and precision (one Fabric)
         self.engine.place(model)  # the backbone moves once, here, and stays
         self.model, self.exchange, self.aggregator = model, exchange, aggregator
         self.train_data, self.test_data, self.collate = train, test, collate
+        self.test_rows = range(len(test)) if test_rows is None else test_rows  # the global evaluation's rows of `test`
         self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
         self.num_classes, self.progress = num_classes, progress
         self.fitting = Fitting(task or Classify(), client.optimizer, client.grad_clip, self.engine)
@@ -71,6 +72,8 @@ class Simulation:
         self.sampler = np.random.default_rng([seed, SAMPLING])
         self.cum = {"up": 0, "down": 0}
         self.completed = -1  # the last round done (0: the round-0 evaluation)
+        self.lora_sb = lora_sb  # Fed-SB: round 0 derives the frozen factors from the clients' gradients
+        self.frozen: State | None = None  # those factors, once derived (the config alone does not rebuild them)
         self.gradients_checked = False  # the first local backward pass looks for adapters that get no gradient
 
     # -- state: what a resumed run needs beyond what the config rebuilds ----------------------
@@ -90,6 +93,7 @@ class Simulation:
             "cum": dict(self.cum),
             "data_stats": None if self.data_stats is None else [vars(s) for s in self.data_stats],
             "privacy": self.privacy.state_dict(),
+            "frozen": self.frozen,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,6 +116,9 @@ class Simulation:
             self.data_stats = [ClassStats(**s) for s in state["data_stats"]]
             self.aggregator.prepare(self.data_stats)
         self.privacy.load_state_dict(state["privacy"])
+        self.frozen = state.get("frozen")
+        if self.frozen is not None:
+            lora_sb.install(self.model, self.frozen)
 
     # -- one round ---------------------------------------------------------------------------
     def sample(self) -> list[int]:
@@ -252,6 +259,28 @@ class Simulation:
                  tokens / seconds)
         return {"train/tokens": tokens, "time/train_tokens_per_s": tokens / seconds}
 
+    # -- Fed-SB's frozen factors (once, in round 0) ----------------------------------------
+    def init_factors(self) -> tuple[int, int]:
+        """Fed-SB's round 0 (adapter.init=lora_sb; celora/fl/lora_sb.py): every client uploads its full-weight
+        gradient on one batch, the server sends back A and B of the example-weighted mean's truncated SVD.
+        Returns (uplink, downlink) bytes; (0, 0) for every other init."""
+        if not self.lora_sb:
+            return 0, 0
+        load(self.model, self.global_state)
+        grads, up = {}, 0
+        for i, trainer in enumerate(self.trainers):
+            g = lora_sb.client_gradient(self.model, self.fitting.task, self.train_data, trainer.train,
+                                        self.client.batch_size, self.seed, i, self.collate, self.engine)
+            upload = Payload.pack(g, tuple(g), self.fl.wire_dtype)
+            up += upload.nbytes
+            grads[i] = upload.unpack()
+        made = lora_sb.factors(lora_sb.mean_gradient(grads, {i: self.examples(i) for i in grads}),
+                               lora_sb.ranks(self.model))
+        sent = Payload.pack(made, tuple(made), self.fl.wire_dtype)  # every client receives the same A and B
+        self.frozen = sent.unpack()
+        lora_sb.install(self.model, self.frozen)
+        return up, sent.nbytes * len(self.trainers)
+
     # -- data-space summaries (once, before round 1) ---------------------------------------
     def upload_data_stats(self) -> dict:
         """Each client summarises its training data with the frozen backbone (fl.data_stats); the aggregator
@@ -286,14 +315,15 @@ class Simulation:
         return {**self.evaluate(), "time/eval_s": time.perf_counter() - t0}
 
     def evaluate(self) -> dict:
-        """global/<metric> of the server's model on the test split (NaN where there is no one model) and
-        personal/<metric> of each evaluated client's own model on its local test rows (every client, or the
+        """global/<metric> of the server's model on the test rows (the test split, or in a tuning run the clients'
+        pooled validation rows; NaN where there is no one model) and personal/<metric> of each evaluated
+        client's own model on its local test rows (its validation rows in a tuning run; every client, or the
         fl.eval_clients drawn once: `personal/clients` says how many), for the task's metrics."""
         bs, task, out = self.client.eval_batch_size, self.fitting.task, {}
         state = self.participants.global_model(self.global_state, self.exchange.private)
         if state is not None:  # one model: evaluated on its own tensors in either grouping
             load(self.model, state)
-            sums = evaluate(self.model, self.test_data, range(len(self.test_data)), bs, self.collate, task,
+            sums = evaluate(self.model, self.test_data, self.test_rows, bs, self.collate, task,
                             self.engine)
             out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
         else:
@@ -329,8 +359,12 @@ class Simulation:
             t0 = time.perf_counter()
             # Round 0: each client receives the 64-bit init seed once (nothing is sent without a federation).
             seed_down = SEED_BYTES * self.fl.num_clients if self.aggregator.communicates else 0
-            row = {"round": 0, "train/loss": math.nan, "comm/up_bytes": 0, "comm/down_bytes": seed_down,
-                   "fl/clients": 0, "fl/rejected_clients": 0, **self.upload_data_stats(), **self.timed_evaluation()}
+            factors_up, factors_down = self.init_factors()
+            stats = self.upload_data_stats()
+            row = {"round": 0, "train/loss": math.nan, **stats,
+                   "comm/up_bytes": factors_up + stats.get("comm/up_bytes", 0),
+                   "comm/down_bytes": seed_down + factors_down,
+                   "fl/clients": 0, "fl/rejected_clients": 0, **self.timed_evaluation()}
             self.cum["down"] += row["comm/down_bytes"]
             self.cum["up"] += row["comm/up_bytes"]
             rows.append(self._emit(row, t0))

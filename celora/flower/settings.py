@@ -54,6 +54,9 @@ def check_flower(cfg: DictConfig, aggregator) -> FlowerSettings:
     if why is not None or aggregator.pooled or not aggregator.communicates:
         raise ValueError(f"aggregator={type(aggregator).__name__} does not run in Flower: "
                          f"{why or 'it has no federation'}; run it with `python -m celora` (same config)")
+    if cfg.adapter.get("init") == "lora_sb":
+        raise ValueError("adapter.init=lora_sb (method=fed_sb) has a round of gradient uploads that the Flower "
+                         "apps do not carry yet; run it with `python -m celora` (same config)")
     return FlowerSettings.of(cfg)
 
 

@@ -1,0 +1,126 @@
+"""Learning rates chosen on validation data: one sweep per method, then the choice as conf/method/tuned/<method>.yaml.
+
+    python scripts/tune.py run [--methods celora tri ...] [--root multirun/tune] [-- more overrides]
+    python scripts/tune.py choose [--root multirun/tune]
+
+`run` launches `python -m celora -m experiment=tune method=<m> client.lr=<grid>` for each method: every run
+holds out a fifth of each client's local train (client.val_fraction=0.2) and is scored on those rows only,
+at seed 0. Each rate has its own run dir (multirun/tune/<method>/lr=<rate>), so a stopped tuning is
+re-launched with the same command and its finished runs return at once; an interrupted one resumes from
+its last round's checkpoint.
+
+`choose` reads the finished runs, picks per method the rate of the highest last-round validation personal
+accuracy (a tie goes to the smaller rate), writes conf/method/tuned/<method>.yaml (so `method=tuned/celora`
+reproduces it) and the table docs/results/tuning.md. A method with a rate not yet run is left out, named.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from celora import analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+TRI_GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # C (r x r, between orthonormal factors) has its own scale
+METHODS = ("celora", "tri", "lora", "fedsa_lora", "ffa_lora", "local", "centralized", "fed_sb", "celora_local_head")
+METRIC = "personal/acc"  # on validation rows in these runs
+
+
+def method_file(method: str) -> Path:
+    return ROOT / "conf" / "method" / f"{method}.yaml"
+
+
+def is_tri(method: str) -> bool:
+    """Whether the method trains a tri adapter's C (its config, or the adapter it overrides to, says zero: C)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"method={method}"]).adapter.zero == "C"
+
+
+def grid(method: str) -> tuple[float, ...]:
+    return TRI_GRID if is_tri(method) else GRID
+
+
+def launch(methods: list[str], root: Path, extra: list[str]) -> None:
+    for method in methods:
+        if not method_file(method).exists():
+            raise SystemExit(f"no conf/method/{method}.yaml; methods: {sorted(p.stem for p in method_file('x').parent.glob('*.yaml'))}")
+        cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", f"method={method}",
+               "client.lr=" + ",".join(f"{lr:g}" for lr in grid(method)), f"hydra.sweep.dir={root}/{method}", *extra]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def choices(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Per method: every rate's validation accuracy and the chosen one. Also the methods not complete."""
+    runs = analysis.per_run(analysis.load_runs(root))
+    runs = runs[runs["status"] == "finished"]
+    if "client.val_fraction" in runs:
+        runs = runs[runs["client.val_fraction"] > 0]  # only runs scored on validation rows choose
+    rows, missing = [], []
+    for method, group in runs.groupby("method", sort=False):
+        wanted = grid(method)
+        done = {float(lr) for lr in group["client.lr"]}
+        if not all(any(abs(lr - d) <= 1e-12 for d in done) for lr in wanted):
+            missing.append(f"{method} ({len(done)} of {len(wanted)} rates finished)")
+            continue
+        group = group.sort_values("client.lr")
+        best = group.loc[group[METRIC].idxmax()]  # idxmax takes the first maximum: the smaller rate
+        edge = best["client.lr"] in (min(wanted), max(wanted))
+        rows.append({"method": method, "chosen lr": best["client.lr"], f"val {METRIC}": best[METRIC],
+                     "at grid edge": edge,
+                     **{f"{lr:g}": acc for lr, acc in zip(group["client.lr"], group[METRIC])}})
+    return pd.DataFrame(rows), missing
+
+
+def tuned_yaml(method: str, lr: float, acc: float) -> str:
+    """The method's own preset with its chosen rate: comment, the preset's lines, client.lr."""
+    body = [line for line in method_file(method).read_text().splitlines() if not line.startswith("#")]
+    return "\n".join([
+        "# @package _global_",
+        f"# {method} at the learning rate scripts/tune.py chose: {lr:g} (validation personal accuracy {acc:.4f},",
+        "# client.val_fraction=0.2, seed 0, Dirichlet(0.5)); written by `python scripts/tune.py choose`.",
+        *[line for line in body if line.strip() != "# @package _global_"],
+        "", "client:", f"  lr: {lr:g}", ""])
+
+
+def choose(root: Path, conf: Path, out: Path) -> str:
+    table, missing = choices(root)
+    conf.mkdir(parents=True, exist_ok=True)
+    for row in table.to_dict("records"):
+        (conf / f"{row['method']}.yaml").write_text(tuned_yaml(row["method"], row["chosen lr"], row[f"val {METRIC}"]))
+    md = ["Validation personal accuracy (last round) per learning rate, seed 0, client.val_fraction=0.2, "
+          "Dirichlet(0.5), 1 seed. Reproduce: `python scripts/tune.py run && python scripts/tune.py choose`.", ""]
+    if len(table):
+        md.append(analysis.frame_markdown(table))
+    if missing:
+        md += ["", "Not chosen yet: " + ", ".join(missing)]
+    text = "\n".join(md) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=("run", "choose"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--root", type=Path, default=ROOT / "multirun" / "tune", help="the sweeps' dir (outside git)")
+    ap.add_argument("--conf", type=Path, default=ROOT / "conf" / "method" / "tuned")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tuning.md")
+    args, extra = ap.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    if args.action == "run":
+        launch(args.methods, args.root, extra)
+    else:
+        print(choose(args.root, args.conf, args.out))
+
+
+if __name__ == "__main__":
+    main()
