@@ -45,7 +45,7 @@ class World:
         held_out = {"test": self.data.encoded("test")} if self.validation is None else {
             "test": train, "test_rows": self.validation}
         return make(model=self.model, exchange=self.exchange, aggregator=self.parts.aggregator,
-                    train=train, **held_out, splits=self.splits, lora_sb=self.parts.adapter.init == "lora_sb",
+                    train=train, **held_out, splits=self.splits, lora_sb_init=self.parts.adapter.init == "lora_sb",
                     fl=self.parts.fl, client=self.parts.client, seed=self.cfg.seed, collate=self.backbone.collate(),
                     num_classes=self.data.num_classes, privacy=self.parts.privacy, task=self.parts.task, **kwargs)
 

@@ -7,4 +7,4 @@ PY=${PY:-.venv/bin/python}
 "$PY" -m celora -m experiment=frontier "$@"
 "$PY" -m celora -m experiment=frontier method=tuned/lora,tuned/ffa_lora adapter.r=2,4,8,16 "$@"
 "$PY" -m celora -m experiment=frontier method=tuned/fed_sb adapter.r=8,32 "$@"
-"$PY" scripts/report.py multirun/frontier --by method adapter.r --frontier --out docs/results/frontier
+"$PY" scripts/report.py multirun/frontier --by method adapter.r --frontier --summaries --out docs/results/frontier

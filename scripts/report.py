@@ -14,10 +14,13 @@ celora and celora_local_head, tuned or not) against the best other method of its
 pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict.
 --frontier (--by method adapter.r) adds frontier.png: personal and global accuracy against total uplink
 bytes, one point per run, the Pareto front marked, and frontier.md (the points, front ones marked).
+--summaries copies each finished run's summary.json and overrides into --out/runs/<run>/ (small: what a
+results dir in git keeps of runs whose sweep dir is not).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +75,19 @@ def frontier_report(runs: pd.DataFrame, by: list[str], out: Path) -> str:
     return md
 
 
+def keep_summaries(finished: pd.DataFrame, out: Path) -> None:
+    for run, path in finished.drop_duplicates("run")[["run", "path"]].itertuples(index=False):
+        dest = out / "runs" / run
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(path) / "summary.json", dest / "summary.json")
+        overrides = Path(path) / ".hydra" / "overrides.yaml"
+        if overrides.exists():
+            shutil.copyfile(overrides, dest / "overrides.yaml")
+
+
 def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | None,
-           paired: bool = False, frontier: bool = False, ours: tuple[str, ...] = OURS) -> str:
+           paired: bool = False, frontier: bool = False, ours: tuple[str, ...] = OURS,
+           summaries: bool = False) -> str:
     """Writes the report files into `out`; returns the markdown."""
     df = analysis.load_runs(path)
     finished = df[df["status"] == "finished"]
@@ -97,6 +111,8 @@ def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | 
         md += "\n\n" + paired_report(done, by, metric, ours, out)
     if frontier:
         md += "\n\n" + frontier_report(done, by, out)
+    if summaries:
+        keep_summaries(finished, out)
 
     figures = {
         "accuracy_by_round": analysis.accuracy_by_round(finished, metric, by),
@@ -122,9 +138,10 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true", help="paired differences to the best baseline per split")
     ap.add_argument("--ours", nargs="+", default=list(OURS), help="the arms --paired compares (default: %(default)s)")
     ap.add_argument("--frontier", action="store_true", help="accuracy against uplink with the Pareto front")
+    ap.add_argument("--summaries", action="store_true", help="copy each run's summary.json into OUT/runs/")
     args = ap.parse_args()
     print(report(args.path, args.out or args.path / "report", args.by, args.metric, args.run,
-                 args.paired, args.frontier, tuple(args.ours)))
+                 args.paired, args.frontier, tuple(args.ours), args.summaries))
 
 
 if __name__ == "__main__":

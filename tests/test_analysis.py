@@ -52,7 +52,8 @@ def test_launcher_configs_compose(launcher, target):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "experiment=main_table"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
-    assert cfg.hydra.sweeper.params["partition.alpha"] == "0.1,0.5,1.0" and cfg.hydra.sweeper.params.seed == "0,1,2"
+    assert cfg.hydra.sweeper.params["+split"] == "dirichlet_0.1,dirichlet_0.5,grouped"
+    assert cfg.hydra.sweeper.params.seed == "1,2,3"  # seed 0 chose the learning rates
 
 
 def test_load_runs_one_row_per_run_and_round(sweep):

@@ -11,6 +11,17 @@ from celora.validate import fl_config
 from conftest import CONF_DIR
 
 
+def _tune_methods():
+    import ast
+
+    tree = ast.parse((CONF_DIR.parent / "scripts" / "tune.py").read_text())
+    return next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "METHODS")
+
+
+TUNE_METHODS = _tune_methods()
+
+
 def options(group):
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -176,6 +187,12 @@ def test_experiments_compose(name):
         group = key.lstrip("+")
         if (CONF_DIR / group).is_dir():
             for value in str(values).split(","):
+                if group == "method" and value.startswith("tuned/"):
+                    # written by `scripts/tune.py choose` once a method's tuning has finished: its base
+                    # preset must exist and the tuning must cover it
+                    base = value.removeprefix("tuned/")
+                    assert (CONF_DIR / "method" / f"{base}.yaml").exists() and base in TUNE_METHODS, value
+                    continue
                 assert (CONF_DIR / group / f"{value}.yaml").exists(), (key, value)
 
 

@@ -50,7 +50,7 @@ class Simulation:
                  log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
                  num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
                  cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None,
-                 precision: str = "32-true", test_rows: Sequence[int] | None = None, lora_sb: bool = False):
+                 precision: str = "32-true", test_rows: Sequence[int] | None = None, lora_sb_init: bool = False):
         self.cohorts = plan(cohort_size)
         self.engine = Engine(accelerator, precision)  # the run's one device and precision (one Fabric)
         self.engine.place(model)  # the backbone moves once, here, and stays
@@ -72,7 +72,7 @@ class Simulation:
         self.sampler = np.random.default_rng([seed, SAMPLING])
         self.cum = {"up": 0, "down": 0}
         self.completed = -1  # the last round done (0: the round-0 evaluation)
-        self.lora_sb = lora_sb  # Fed-SB: round 0 derives the frozen factors from the clients' gradients
+        self.lora_sb_init = lora_sb_init  # Fed-SB: round 0 derives the frozen factors from the clients' gradients
         self.frozen: State | None = None  # those factors, once derived (the config alone does not rebuild them)
         self.gradients_checked = False  # the first local backward pass looks for adapters that get no gradient
 
@@ -264,7 +264,7 @@ class Simulation:
         """Fed-SB's round 0 (adapter.init=lora_sb; celora/fl/lora_sb.py): every client uploads its full-weight
         gradient on one batch, the server sends back A and B of the example-weighted mean's truncated SVD.
         Returns (uplink, downlink) bytes; (0, 0) for every other init."""
-        if not self.lora_sb:
+        if not self.lora_sb_init:
             return 0, 0
         load(self.model, self.global_state)
         grads, up = {}, 0
