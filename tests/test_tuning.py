@@ -234,3 +234,29 @@ def test_frontier_figure_has_a_panel_per_accuracy_and_marks_the_front():
     assert [ax.get_ylabel() for ax in axes] == ["personal/acc", "global/acc"]
     assert all("Pareto front" in [line.get_label() for line in ax.get_lines()] for ax in axes)
     assert all(ax.get_xscale() == "log" for ax in axes)
+
+
+def test_lora_sb_is_refused_by_the_flower_apps_with_the_command_that_runs_it(compose_cfg):
+    from celora.flower.settings import check_flower
+
+    cfg = compose_cfg(*TINY, "method=fed_sb")
+    with pytest.raises(ValueError, match="python -m celora"):
+        check_flower(cfg, build(cfg).aggregator)
+
+
+def test_a_relaunched_tuning_sweep_returns_its_finished_runs(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", *TINY, "partition=dirichlet", "method=tri",
+           "client.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path}"]
+    first = subprocess.run(cmd, cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("lr=*")) == ["lr=0.001", "lr=0.002"]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("lr=*/metrics.jsonl")}
+    again = subprocess.run(cmd, cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=600)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0 and said.count("nothing to do") == 2, said[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # not one metrics row rewritten
+    part = json.loads((tmp_path / "lr=0.001" / "partition.json").read_text())
+    assert part["scored_on"] == "validation"
