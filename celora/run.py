@@ -89,6 +89,10 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     """run() itself, writing into `out`."""
     parts = build(cfg)  # every check that needs neither data nor model, all problems in one error
     config = result_config(cfg)
+    done = finished_before(out, config) if cfg.get("resume", "auto") != "never" else None
+    if done is not None:
+        log.info("%s finished before under this config: nothing to do", out)
+        return done
     saved = resume_point(out / "checkpoints", cfg.get("resume", "auto"), config)
     if saved is not None and saved["round"] >= parts.fl.rounds and (out / "summary.json").exists():
         try:
@@ -144,8 +148,20 @@ def write_partition(world: World, out: Path) -> None:
 
 
 def run_summary(rows: list[dict], seconds: float, world: World) -> dict:
-    """summary.json: the rows summarised (undefined metrics are null, not NaN), the wall time, parameter counts."""
-    return {**summarize(rows), "time/total_s": seconds, **world.param_counts()}
+    """summary.json: the rows summarised (undefined metrics are null, not NaN), the wall time, parameter counts,
+    and the fingerprint of the config that made them (a run dir copied elsewhere, checkpoints left behind,
+    still says it is finished)."""
+    return {**summarize(rows), "time/total_s": seconds, **world.param_counts(),
+            "config_hash": checkpoint.fingerprint(result_config(world.cfg))}
+
+
+def finished_before(out: Path, config: dict) -> dict | None:
+    """The summary of a run already finished in `out` under this very config (its config_hash), else None."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("config_hash") == checkpoint.fingerprint(config) else None
 
 
 def log_done(summary: dict, out: Path) -> None:

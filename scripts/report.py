@@ -14,19 +14,18 @@ celora and celora_local_head, tuned or not) against the best other method of its
 pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict.
 --frontier (--by method adapter.r) adds frontier.png: personal and global accuracy against total uplink
 bytes, one point per run, the Pareto front marked, and frontier.md (the points, front ones marked).
---summaries copies each finished run's summary.json and overrides into --out/runs/<run>/ (small: what a
-results dir in git keeps of runs whose sweep dir is not).
+--summaries copies each finished run's small files (config, metrics, summary.json) into --out/runs/<run>/
+(celora.archive: what a results dir in git keeps of runs whose sweep dir is not, and restores from).
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from celora import analysis
+from celora import analysis, archive
 
 
 def pick_run(df: pd.DataFrame, run: str | None) -> Path:
@@ -75,16 +74,6 @@ def frontier_report(runs: pd.DataFrame, by: list[str], out: Path) -> str:
     return md
 
 
-def keep_summaries(finished: pd.DataFrame, out: Path) -> None:
-    for run, path in finished.drop_duplicates("run")[["run", "path"]].itertuples(index=False):
-        dest = out / "runs" / run
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(path) / "summary.json", dest / "summary.json")
-        overrides = Path(path) / ".hydra" / "overrides.yaml"
-        if overrides.exists():
-            shutil.copyfile(overrides, dest / "overrides.yaml")
-
-
 def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | None,
            paired: bool = False, frontier: bool = False, ours: tuple[str, ...] = OURS,
            summaries: bool = False) -> str:
@@ -112,7 +101,7 @@ def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | 
     if frontier:
         md += "\n\n" + frontier_report(done, by, out)
     if summaries:
-        keep_summaries(finished, out)
+        archive.keep(path, out / "runs")
 
     figures = {
         "accuracy_by_round": analysis.accuracy_by_round(finished, metric, by),

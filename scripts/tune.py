@@ -1,13 +1,15 @@
 """Learning rates chosen on validation data: one sweep per method, then the choice as conf/method/tuned/<method>.yaml.
 
     python scripts/tune.py run [--methods celora tri ...] [--root multirun/tune] [-- more overrides]
-    python scripts/tune.py choose [--root multirun/tune]
+    python scripts/tune.py choose [--root multirun/tune] [--runs docs/results/tuning/runs]
 
 `run` launches `python -m celora -m experiment=tune method=<m> client.lr=<grid>` for each method: every run
 holds out a fifth of each client's local train (client.val_fraction=0.2) and is scored on those rows only,
 at seed 0. Each rate has its own run dir (multirun/tune/<method>/lr=<rate>), so a stopped tuning is
 re-launched with the same command and its finished runs return at once; an interrupted one resumes from
-its last round's checkpoint.
+its last round's checkpoint. Each finished run's small files (config, metrics, summary) are kept under
+docs/results/tuning/runs/ (celora.archive), which is in git: `run` restores them into the sweep dir first, so on
+a fresh clone only the rates not yet finished anywhere are run.
 
 `choose` reads the finished runs, picks per method the rate of the highest last-round validation personal
 accuracy (a tie goes to the smaller rate), writes conf/method/tuned/<method>.yaml (so `method=tuned/celora`
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from celora import analysis
+from celora import analysis, archive
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
@@ -47,14 +49,20 @@ def grid(method: str) -> tuple[float, ...]:
     return TRI_GRID if is_tri(method) else GRID
 
 
-def launch(methods: list[str], root: Path, extra: list[str]) -> None:
+def launch(methods: list[str], root: Path, runs: Path, extra: list[str]) -> None:
+    restored = archive.restore(runs, root)
+    if restored:
+        print(f"restored {len(restored)} finished run(s) from {runs}", flush=True)
     for method in methods:
         if not method_file(method).exists():
             raise SystemExit(f"no conf/method/{method}.yaml; methods: {sorted(p.stem for p in method_file('x').parent.glob('*.yaml'))}")
         cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", f"method={method}",
                "client.lr=" + ",".join(f"{lr:g}" for lr in grid(method)), f"hydra.sweep.dir={root}/{method}", *extra]
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        try:
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        finally:  # what finished is kept, even when a later rate fails or the sweep is stopped
+            archive.keep(root, runs)
 
 
 def choices(root: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -90,8 +98,10 @@ def tuned_yaml(method: str, lr: float, acc: float) -> str:
         "", "client:", f"  lr: {lr:g}", ""])
 
 
-def choose(root: Path, conf: Path, out: Path) -> str:
-    table, missing = choices(root)
+def choose(root: Path, runs: Path, conf: Path, out: Path) -> str:
+    if root.exists():
+        archive.keep(root, runs)
+    table, missing = choices(runs)
     conf.mkdir(parents=True, exist_ok=True)
     for row in table.to_dict("records"):
         (conf / f"{row['method']}.yaml").write_text(tuned_yaml(row["method"], row["chosen lr"], row[f"val {METRIC}"]))
@@ -112,14 +122,16 @@ def main() -> None:
     ap.add_argument("action", choices=("run", "choose"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--root", type=Path, default=ROOT / "multirun" / "tune", help="the sweeps' dir (outside git)")
+    ap.add_argument("--runs", type=Path, default=ROOT / "docs" / "results" / "tuning" / "runs",
+                    help="where finished runs are kept, in git (what choose reads)")
     ap.add_argument("--conf", type=Path, default=ROOT / "conf" / "method" / "tuned")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tuning.md")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     if args.action == "run":
-        launch(args.methods, args.root, extra)
+        launch(args.methods, args.root, args.runs, extra)
     else:
-        print(choose(args.root, args.conf, args.out))
+        print(choose(args.root, args.runs, args.conf, args.out))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_choose_picks_the_best_validation_rate_and_names_incomplete_methods(tmp_
             (d / "metrics.jsonl").write_text(json.dumps({"round": 15, "personal/acc": acc}) + "\n")
             (d / "summary.json").write_text("{}")
     monkeypatch.setattr(tune, "method_file", lambda m: CONF_DIR / "method" / f"{m}.yaml")
-    md = tune.choose(tmp_path / "runs", tmp_path / "tuned", tmp_path / "tuning.md")
+    md = tune.choose(tmp_path / "no-sweep-here", tmp_path / "runs", tmp_path / "tuned", tmp_path / "tuning.md")
     table, missing = tune.choices(tmp_path / "runs")
     chosen = dict(zip(table["method"], table["chosen lr"]))
     assert chosen == {"lora": 2e-3, "tri": 1e-3}  # a tie goes to the smaller rate
@@ -260,3 +260,25 @@ def test_a_relaunched_tuning_sweep_returns_its_finished_runs(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before  # not one metrics row rewritten
     part = json.loads((tmp_path / "lr=0.001" / "partition.json").read_text())
     assert part["scored_on"] == "validation"
+
+
+def test_kept_runs_restored_on_another_machine_are_not_rerun(compose_cfg, tmp_path):
+    from celora import archive
+
+    cfg = compose_cfg(*TINY)
+    first = run(cfg, run_dir=tmp_path / "sweep" / "a")
+    legacy = json.loads((tmp_path / "sweep" / "a" / "summary.json").read_text())
+    legacy.pop("config_hash")  # as written before summaries carried it: the checkpoint supplies it
+    (tmp_path / "sweep" / "a" / "summary.json").write_text(json.dumps(legacy))
+    kept = archive.keep(tmp_path / "sweep", tmp_path / "results")
+    assert kept == [tmp_path / "results" / "a"] and not (tmp_path / "results" / "a" / "checkpoints").exists()
+    assert json.loads((kept[0] / "summary.json").read_text())["config_hash"] == first["config_hash"]
+
+    assert archive.restore(tmp_path / "results", tmp_path / "fresh") == [tmp_path / "fresh" / "a"]
+    rows = (tmp_path / "fresh" / "a" / "metrics.jsonl").read_text()
+    again = run(cfg, run_dir=tmp_path / "fresh" / "a")  # no checkpoint there: the summary says it is done
+    assert again["last"] == first["last"] and (tmp_path / "fresh" / "a" / "metrics.jsonl").read_text() == rows
+    assert not (tmp_path / "fresh" / "a" / "checkpoints").exists()
+    assert archive.restore(tmp_path / "results", tmp_path / "fresh") == []  # a finished dir is left alone
+    other = run(compose_cfg(*TINY, "client.lr=1e-3"), run_dir=tmp_path / "fresh" / "a")  # another config: it runs
+    assert other["config_hash"] != first["config_hash"] and (tmp_path / "fresh" / "a" / "checkpoints").exists()

@@ -46,7 +46,6 @@ def client_gradient(model: nn.Module, task: Task, data: Encoded, rows: Sequence[
     names = layer_names(model)
     modules = dict(model.named_modules())
     weights = [modules[n].base_layer.weight for n in names]
-    before = [w.requires_grad for w in weights]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -59,7 +58,8 @@ def client_gradient(model: nn.Module, task: Task, data: Encoded, rows: Sequence[
     device = weights[0].device
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]), autocast(engine):  # dropout's draws seeded too, the run's left alone
+        gpus = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=gpus), autocast(engine):  # dropout seeded too; the run's RNG untouched
             torch.manual_seed(derive_seed(seed, LORA_SB_BATCH, client))
             loss = task.loss(model, {k: v.to(device) for k, v in batch.items()})
         loss.backward()
@@ -68,9 +68,8 @@ def client_gradient(model: nn.Module, task: Task, data: Encoded, rows: Sequence[
             layer = modules[n].base_layer
             out[n] = weight_gradient(layer).detach().to(torch.float32).cpu().clone()
     finally:
-        for w, flag in zip(weights, before):
+        for w in weights:
             w.grad = None
-            w.requires_grad_(flag)
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.eval()
