@@ -196,6 +196,12 @@ def results(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     return stats
 
 
+def run_time(runs: pd.DataFrame) -> str:
+    """What a table cost, as a sentence: its runs (per_run()'s rows) and their summed wall time (time/total_s)."""
+    seconds = runs["time/total_s"].sum() if "time/total_s" in runs else 0.0
+    return f"{len(runs)} runs, {seconds / 3600:.1f} h of run time in all (the sum of their time/total_s)."
+
+
 def markdown(table: pd.DataFrame) -> str:
     """`results()` as a markdown table, `mean ± std` per cell (the mean alone for one seed, `-` if undefined)."""
     names = [c[: -len(" mean")] for c in table if c.endswith(" mean")]

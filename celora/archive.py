@@ -3,7 +3,7 @@
 A sweep dir (multirun/..., outside git) holds each run's checkpoints; what a results dir keeps of a finished
 run is small: its Hydra config, metrics.jsonl, summary.json and the other jsonl/json it wrote. `keep` copies
 those out, `restore` copies them back into a sweep dir where a run is missing, and a re-launched sweep then
-returns those runs at once (run.finished_before: the summary's config_hash matches), on any machine.
+returns those runs at once (run.finished_before: the summary's config is this one), on any machine.
 
     python -m celora.archive keep multirun/main_table docs/results/main_table/runs
     python -m celora.archive restore docs/results/main_table/runs multirun/main_table
@@ -35,16 +35,17 @@ def _copy_small(src: Path, dst: Path) -> None:
 
 def keep(sweep: Path, results: Path) -> list[Path]:
     """Copies each finished run's small files from `sweep` to the same relative dir under `results`; a summary
-    written before summaries carried their config's fingerprint gets it from the run's last checkpoint."""
+    written before summaries carried their config gets it from the run's last checkpoint."""
     kept = []
     for run in finished(sweep):
         dest = results / run.relative_to(sweep)
         _copy_small(run, dest)
         summary = json.loads((run / "summary.json").read_text())
-        if "config_hash" not in summary:
+        if "config" not in summary:
             saved = checkpoint.load_latest(run / "checkpoints")
             if saved is not None:
-                summary["config_hash"] = saved["config_hash"]
+                summary.pop("config_hash", None)
+                summary["config"] = saved["config"]
                 (dest / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
         kept.append(dest)
     return kept

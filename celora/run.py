@@ -60,6 +60,10 @@ def resume_point(directory: Path, mode: str, config: dict) -> dict | None:
     saved = checkpoint.load_latest(directory)
     if saved is None or saved["config_hash"] == checkpoint.fingerprint(config):
         return saved
+    added = checkpoint.added_keys(saved["config"], config)
+    if added is not None:
+        log.warning("resuming a checkpoint from before the config had %s (read at their defaults)", ", ".join(added))
+        return saved
     changes = "; ".join(f"{key}: {old!r} -> {new!r}"
                         for key, old, new in checkpoint.differences(saved["config"], config))
     if mode != "force":
@@ -149,19 +153,22 @@ def write_partition(world: World, out: Path) -> None:
 
 def run_summary(rows: list[dict], seconds: float, world: World) -> dict:
     """summary.json: the rows summarised (undefined metrics are null, not NaN), the wall time, parameter counts,
-    and the fingerprint of the config that made them (a run dir copied elsewhere, checkpoints left behind,
-    still says it is finished)."""
-    return {**summarize(rows), "time/total_s": seconds, **world.param_counts(),
-            "config_hash": checkpoint.fingerprint(result_config(world.cfg))}
+    and the config that made them (result_config: a run dir copied elsewhere, checkpoints left behind, still
+    says what it finished)."""
+    return {**summarize(rows), "time/total_s": seconds, **world.param_counts(), "config": result_config(world.cfg)}
 
 
 def finished_before(out: Path, config: dict) -> dict | None:
-    """The summary of a run already finished in `out` under this very config (its config_hash), else None."""
+    """The summary of a run already finished in `out` under this config, else None. The same config less keys
+    added since counts (checkpoint.added_keys); any changed or removed value does not."""
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("config_hash") == checkpoint.fingerprint(config) else None
+    added = checkpoint.added_keys(summary["config"], config) if isinstance(summary.get("config"), dict) else None
+    if added:
+        log.warning("%s finished before the config had %s (read at their defaults)", out, ", ".join(added))
+    return None if added is None else summary
 
 
 def log_done(summary: dict, out: Path) -> None:

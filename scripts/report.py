@@ -94,8 +94,9 @@ def report(path: Path, out: Path, by: list[str] | None, metric: str, run: str | 
     md = analysis.markdown(table)
     if len(others):
         md += "\n\nNot in the table: " + ", ".join(f"run {r.run} ({r.status})" for r in others.itertuples())
-    (out / "results.md").write_text(md + "\n")
     done = analysis.per_run(finished)
+    md += "\n\n" + analysis.run_time(done)
+    (out / "results.md").write_text(md + "\n")
     if paired:
         md += "\n\n" + paired_report(done, by, metric, ours, out)
     if frontier:

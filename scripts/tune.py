@@ -109,6 +109,7 @@ def choose(root: Path, runs: Path, conf: Path, out: Path) -> str:
           "Dirichlet(0.5), 1 seed. Reproduce: `python scripts/tune.py run && python scripts/tune.py choose`.", ""]
     if len(table):
         md.append(analysis.frame_markdown(table))
+        md += ["", analysis.run_time(analysis.per_run(analysis.load_runs(runs)))]
     if missing:
         md += ["", "Not chosen yet: " + ", ".join(missing)]
     text = "\n".join(md) + "\n"

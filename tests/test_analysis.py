@@ -117,6 +117,8 @@ def test_report_writes_table_csv_and_plots(sweep, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     lines = (tmp_path / "results.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in lines) == 1 + len(METHODS)  # the header, one row a method
+    seconds = sum(json.loads(p.read_text())["time/total_s"] for p in sweep.rglob("summary.json"))
+    assert lines[-1] == f"{len(METHODS) * len(SEEDS)} runs, {seconds / 3600:.1f} h of run time in all (the sum of their time/total_s)."
 
 
 def test_notebook_executes(sweep, tmp_path, monkeypatch):

@@ -90,3 +90,12 @@ def test_config_fingerprint_and_differences():
         ("adapter.targets", None, ["query"]), ("client.lr", 0.002, 0.01), ("client.optimizer.lr", 0.002, 0.01),
         ("fl.max_update_norm_ratio", "<unset>", 10)]
     assert checkpoint.differences(old, old) == []
+
+
+def test_added_keys_are_all_a_config_may_gain_and_still_be_the_same_run():
+    old = {"seed": 0, "client": {"lr": 0.002}}
+    grown = {"seed": 0, "client": {"lr": 0.002, "val_fraction": 0}, "flower": {"connect_timeout_s": 300}}
+    assert checkpoint.added_keys(old, old) == []
+    assert checkpoint.added_keys(old, grown) == ["client.val_fraction", "flower.connect_timeout_s"]
+    assert checkpoint.added_keys(old, {**grown, "seed": 1}) is None  # a changed value
+    assert checkpoint.added_keys(grown, old) is None  # removed keys

@@ -100,6 +100,7 @@ def _copy(src, dst):
 
 def test_corrupted_latest_checkpoint_falls_back_and_still_gives_the_same_run(compose_cfg, tmp_path, finished):
     run_dir = _copy(finished, tmp_path / "run")
+    (run_dir / "summary.json").unlink()  # stopped before its summary: it resumes from its checkpoints
     latest = checkpoint.path_of(run_dir / "checkpoints", 3)
     latest.write_bytes(latest.read_bytes()[:-100])  # a write cut short
     with pytest.warns(UserWarning, match=r"round_00003.pt: checksum mismatch.*resuming from round_00002.pt"):
@@ -117,6 +118,55 @@ def test_a_finished_run_is_not_redone(compose_cfg, tmp_path, finished, monkeypat
     monkeypatch.setattr(simulation.Simulation, "__init__", never)
     summary = run(compose_cfg(*TINY, "fl.rounds=3", "logger=wandb"), run_dir=run_dir)  # logging is not results
     assert summary == json.loads((finished / "summary.json").read_text())
+
+
+def _without(config: dict, dotted: str) -> dict:
+    """`config` as it was before the key `dotted` existed."""
+    import copy
+
+    old = copy.deepcopy(config)
+    *path, last = dotted.split(".")
+    node = old
+    for part in path:
+        node = node[part]
+    del node[last]
+    return old
+
+
+def test_a_run_finished_before_a_key_was_added_is_not_redone(compose_cfg, tmp_path, finished, monkeypatch, caplog):
+    run_dir = _copy(finished, tmp_path / "run")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["config"] = _without(summary["config"], "client.val_fraction")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")  # as a run kept in git and restored: its summary alone says it is done
+
+    def never(*a, **k):
+        raise AssertionError("a finished run loads no model and trains nothing")
+
+    monkeypatch.setattr(simulation.Simulation, "__init__", never)
+    with caplog.at_level("WARNING", logger="celora"):
+        assert run(compose_cfg(*TINY, "fl.rounds=3"), run_dir=run_dir) == summary
+    assert "before the config had client.val_fraction" in caplog.text
+    summary["config"]["client"]["lr"] = 0.01  # a changed value is another run: it trains (and is refused here)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(AssertionError, match="loads no model"):
+        run(compose_cfg(*TINY, "fl.rounds=3"), run_dir=run_dir)
+
+
+def test_a_checkpoint_from_before_a_key_was_added_resumes(compose_cfg, tmp_path, finished, caplog):
+    run_dir = _copy(finished, tmp_path / "run")
+    (run_dir / "summary.json").unlink()
+    checkpoint.clear(run_dir / "checkpoints")
+    saved = checkpoint.load_latest(finished / "checkpoints")
+    old = _without(saved["config"], "client.val_fraction")
+    checkpoint.save(run_dir / "checkpoints", saved["round"], {**saved, "config": old,
+                                                               "config_hash": checkpoint.fingerprint(old)})
+    with caplog.at_level("WARNING", logger="celora"):
+        run(compose_cfg(*TINY, "fl.rounds=3"), run_dir=run_dir)
+    assert "checkpoint from before the config had client.val_fraction" in caplog.text
+    assert _rows(run_dir) == _rows(finished)
 
 
 def test_a_changed_config_is_refused_naming_the_keys(compose_cfg, tmp_path, finished):

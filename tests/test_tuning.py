@@ -268,11 +268,11 @@ def test_kept_runs_restored_on_another_machine_are_not_rerun(compose_cfg, tmp_pa
     cfg = compose_cfg(*TINY)
     first = run(cfg, run_dir=tmp_path / "sweep" / "a")
     legacy = json.loads((tmp_path / "sweep" / "a" / "summary.json").read_text())
-    legacy.pop("config_hash")  # as written before summaries carried it: the checkpoint supplies it
+    legacy.pop("config")  # as written before summaries carried it: the checkpoint supplies it
     (tmp_path / "sweep" / "a" / "summary.json").write_text(json.dumps(legacy))
     kept = archive.keep(tmp_path / "sweep", tmp_path / "results")
     assert kept == [tmp_path / "results" / "a"] and not (tmp_path / "results" / "a" / "checkpoints").exists()
-    assert json.loads((kept[0] / "summary.json").read_text())["config_hash"] == first["config_hash"]
+    assert json.loads((kept[0] / "summary.json").read_text())["config"] == first["config"]
 
     assert archive.restore(tmp_path / "results", tmp_path / "fresh") == [tmp_path / "fresh" / "a"]
     rows = (tmp_path / "fresh" / "a" / "metrics.jsonl").read_text()
@@ -281,4 +281,4 @@ def test_kept_runs_restored_on_another_machine_are_not_rerun(compose_cfg, tmp_pa
     assert not (tmp_path / "fresh" / "a" / "checkpoints").exists()
     assert archive.restore(tmp_path / "results", tmp_path / "fresh") == []  # a finished dir is left alone
     other = run(compose_cfg(*TINY, "client.lr=1e-3"), run_dir=tmp_path / "fresh" / "a")  # another config: it runs
-    assert other["config_hash"] != first["config_hash"] and (tmp_path / "fresh" / "a" / "checkpoints").exists()
+    assert other["config"] != first["config"] and (tmp_path / "fresh" / "a" / "checkpoints").exists()

@@ -112,9 +112,19 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+UNSET = "<unset>"
+
+
 def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) for every key whose value differs (absent: '<unset>')."""
     a, b = flatten(old), flatten(new)
-    unset = "<unset>"
-    return [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))
-            if a.get(k, unset) != b.get(k, unset)]
+    return [(k, a.get(k, UNSET), b.get(k, UNSET)) for k in sorted(set(a) | set(b))
+            if a.get(k, UNSET) != b.get(k, UNSET)]
+
+
+def added_keys(old: dict, new: dict) -> list[str] | None:
+    """The keys `new` has and `old` lacks when that is all they differ in (else None; [] when equal). A run made
+    before those keys existed is the same run: a key added to the config keeps, at its default, the behaviour
+    from before it (docs/extending.md), so a finished or checkpointed run outlives the code growing a key."""
+    diff = differences(old, new)
+    return [key for key, _, _ in diff] if all(was == UNSET for _, was, _ in diff) else None
