@@ -11,9 +11,12 @@ its last round's checkpoint. Each finished run's small files (config, metrics, s
 docs/results/tuning/runs/ (celora.archive), which is in git: `run` restores them into the sweep dir first, so on
 a fresh clone only the rates not yet finished anywhere are run.
 
+A choice is never at the edge of the rates tried: while a method's best rate is its largest (smallest), `run`
+goes on with the next rate of the 1-2-5 series beyond it (up to 0.2, down to 1e-5).
+
 `choose` reads the finished runs, picks per method the rate of the highest last-round validation personal
 accuracy (a tie goes to the smaller rate), writes conf/method/tuned/<method>.yaml (so `method=tuned/celora`
-reproduces it) and the table docs/results/tuning.md. A method with a rate not yet run is left out, named.
+reproduces it) and the table docs/results/tuning.md. A method with a rate still to run is left out, named.
 """
 from __future__ import annotations
 
@@ -49,6 +52,51 @@ def grid(method: str) -> tuple[float, ...]:
     return TRI_GRID if is_tri(method) else GRID
 
 
+SERIES = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 2, 5))  # the 1-2-5 rates a grid grows by
+LIMITS = (1e-5, 0.2)  # a grid grows no further than this
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def best_rate(scores: dict[float, float]) -> float:
+    """The rate of the highest score; a tie goes to the smaller rate."""
+    rates = sorted(scores)
+    return rates[max(range(len(rates)), key=lambda k: (scores[rates[k]], -k))]
+
+
+def wanted(method: str, scores: dict[float, float]) -> list[float]:
+    """The rates still to run for `method`, given the validation scores of those finished: the grid's missing
+    rates; then, while the best rate is the largest (smallest) one run, the next rate of the 1-2-5 series beyond
+    it, up to LIMITS, so that the choice is never at the edge of what was tried."""
+    missing = [lr for lr in grid(method) if not any(_same(lr, done) for done in scores)]
+    if missing:
+        return missing
+    best, low, high = best_rate(scores), min(scores), max(scores)
+    if best == high and high * (1 + 1e-9) < LIMITS[1]:
+        return [min(r for r in SERIES if r > high * (1 + 1e-9))]
+    if best == low and low * (1 - 1e-9) > LIMITS[0]:
+        return [max(r for r in SERIES if r < low * (1 - 1e-9))]
+    return []
+
+
+def scores_of(runs: pd.DataFrame) -> dict[str, dict[float, float]]:
+    """method -> {rate: last-round validation METRIC} of the finished tuning runs (per_run()'s rows)."""
+    runs = runs[(runs["status"] == "finished") & runs[METRIC].notna()]
+    if "client.val_fraction" in runs:
+        runs = runs[runs["client.val_fraction"] > 0]  # only runs scored on validation rows choose
+    return {method: dict(zip(group["client.lr"].astype(float), group[METRIC].astype(float)))
+            for method, group in runs.groupby("method", sort=False)}
+
+
+def finished_scores(root: Path) -> dict[str, dict[float, float]]:
+    try:
+        return scores_of(analysis.per_run(analysis.load_runs(root)))
+    except FileNotFoundError:  # nothing run yet
+        return {}
+
+
 def launch(methods: list[str], root: Path, runs: Path, extra: list[str]) -> None:
     restored = archive.restore(runs, root)
     if restored:
@@ -56,34 +104,33 @@ def launch(methods: list[str], root: Path, runs: Path, extra: list[str]) -> None
     for method in methods:
         if not method_file(method).exists():
             raise SystemExit(f"no conf/method/{method}.yaml; methods: {sorted(p.stem for p in method_file('x').parent.glob('*.yaml'))}")
-        cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", f"method={method}",
-               "client.lr=" + ",".join(f"{lr:g}" for lr in grid(method)), f"hydra.sweep.dir={root}/{method}", *extra]
-        print("$", " ".join(cmd), flush=True)
-        try:
-            subprocess.run(cmd, check=True, cwd=ROOT)
-        finally:  # what finished is kept, even when a later rate fails or the sweep is stopped
-            archive.keep(root, runs)
+        asked: list[float] = []
+        while todo := wanted(method, finished_scores(root / method).get(method, {})):
+            if todo == asked:
+                raise SystemExit(f"{method}: client.lr={', '.join(f'{lr:g}' for lr in todo)} ran but gave no finished "
+                                 f"run with a {METRIC}; see its run dir under {root / method}")
+            asked = todo
+            cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", f"method={method}",
+                   "client.lr=" + ",".join(f"{lr:g}" for lr in todo), f"hydra.sweep.dir={root}/{method}", *extra]
+            print("$", " ".join(cmd), flush=True)
+            try:
+                subprocess.run(cmd, check=True, cwd=ROOT)
+            finally:  # what finished is kept, even when a later rate fails or the sweep is stopped
+                archive.keep(root, runs)
 
 
 def choices(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Per method: every rate's validation accuracy and the chosen one. Also the methods not complete."""
-    runs = analysis.per_run(analysis.load_runs(root))
-    runs = runs[runs["status"] == "finished"]
-    if "client.val_fraction" in runs:
-        runs = runs[runs["client.val_fraction"] > 0]  # only runs scored on validation rows choose
+    """Per method: every rate's validation accuracy and the chosen one. Also the methods not complete: a rate
+    of the grid not finished, or a best rate at the edge of those run (wanted())."""
     rows, missing = [], []
-    for method, group in runs.groupby("method", sort=False):
-        wanted = grid(method)
-        done = {float(lr) for lr in group["client.lr"]}
-        if not all(any(abs(lr - d) <= 1e-12 for d in done) for lr in wanted):
-            missing.append(f"{method} ({len(done)} of {len(wanted)} rates finished)")
+    for method, scores in finished_scores(root).items():
+        todo = wanted(method, scores)
+        if todo:
+            missing.append(f"{method} ({len(scores)} rates finished; to run: {', '.join(f'{lr:g}' for lr in todo)})")
             continue
-        group = group.sort_values("client.lr")
-        best = group.loc[group[METRIC].idxmax()]  # idxmax takes the first maximum: the smaller rate
-        edge = best["client.lr"] in (min(wanted), max(wanted))
-        rows.append({"method": method, "chosen lr": best["client.lr"], f"val {METRIC}": best[METRIC],
-                     "at grid edge": edge,
-                     **{f"{lr:g}": acc for lr, acc in zip(group["client.lr"], group[METRIC])}})
+        best = best_rate(scores)
+        rows.append({"method": method, "chosen lr": best, f"val {METRIC}": scores[best], "rates run": len(scores),
+                     **{f"{lr:g}": scores[lr] for lr in sorted(scores)}})
     return pd.DataFrame(rows), missing
 
 

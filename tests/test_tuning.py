@@ -93,23 +93,42 @@ def test_the_written_tuned_preset_composes_to_the_chosen_rate(tmp_path, method):
 
 def test_choose_picks_the_best_validation_rate_and_names_incomplete_methods(tmp_path, monkeypatch):
     tune = _tune()
-    monkeypatch.setattr(tune, "grid", lambda method: (1e-3, 2e-3))
-    for method, accs in {"lora": (0.6, 0.7), "tri": (0.8, 0.8), "celora": (0.9,)}.items():
-        for lr, acc in zip((1e-3, 2e-3), accs):
+    rates = (1e-3, 2e-3, 5e-3)
+    monkeypatch.setattr(tune, "grid", lambda method: rates)
+    accs = {"lora": (0.6, 0.7, 0.65), "tri": (0.7, 0.8, 0.8), "celora": (0.9,), "ffa_lora": (0.5, 0.6, 0.7)}
+    for method, values in accs.items():
+        for lr, acc in zip(rates, values):
             d = tmp_path / "runs" / method / f"lr={lr:g}"
             (d / ".hydra").mkdir(parents=True)
             (d / ".hydra" / "config.yaml").write_text(f"client: {{lr: {lr}, val_fraction: 0.2}}\n")
             (d / ".hydra" / "hydra.yaml").write_text(f"hydra: {{runtime: {{choices: {{method: {method}}}}}}}\n")
             (d / "metrics.jsonl").write_text(json.dumps({"round": 15, "personal/acc": acc}) + "\n")
-            (d / "summary.json").write_text("{}")
+            (d / "summary.json").write_text(json.dumps({"time/total_s": 1800}))
     monkeypatch.setattr(tune, "method_file", lambda m: CONF_DIR / "method" / f"{m}.yaml")
     md = tune.choose(tmp_path / "no-sweep-here", tmp_path / "runs", tmp_path / "tuned", tmp_path / "tuning.md")
     table, missing = tune.choices(tmp_path / "runs")
     chosen = dict(zip(table["method"], table["chosen lr"]))
-    assert chosen == {"lora": 2e-3, "tri": 1e-3}  # a tie goes to the smaller rate
-    assert missing == ["celora (1 of 2 rates finished)"] and "celora" in md
+    assert chosen == {"lora": 2e-3, "tri": 2e-3}  # a tie goes to the smaller rate
+    assert sorted(missing) == ["celora (1 rates finished; to run: 0.002, 0.005)",
+                               "ffa_lora (3 rates finished; to run: 0.01)"]  # its best is the largest tried
+    assert "celora" in md and "ffa_lora" in md and "10 runs, 5.0 h of run time" in md
     assert "lr: 0.002" in (tmp_path / "tuned" / "lora.yaml").read_text()
-    assert not (tmp_path / "tuned" / "celora.yaml").exists()
+    assert not (tmp_path / "tuned" / "celora.yaml").exists() and not (tmp_path / "tuned" / "ffa_lora.yaml").exists()
+
+
+def test_a_grid_grows_past_a_best_rate_at_its_edge_within_limits(monkeypatch):
+    tune = _tune()
+    monkeypatch.setattr(tune, "grid", lambda method: (5e-4, 1e-3, 2e-3))
+    assert tune.wanted("lora", {}) == [5e-4, 1e-3, 2e-3]
+    assert tune.wanted("lora", {5e-4: 0.7, 1e-3: 0.8}) == [2e-3]  # the grid first
+    assert tune.wanted("lora", {5e-4: 0.7, 1e-3: 0.8, 2e-3: 0.75}) == []  # an inner best: done
+    assert tune.wanted("lora", {5e-4: 0.7, 1e-3: 0.75, 2e-3: 0.8}) == [5e-3]  # up the 1-2-5 series
+    assert tune.wanted("lora", {5e-4: 0.7, 1e-3: 0.75, 2e-3: 0.8, 5e-3: 0.9}) == [1e-2]
+    assert tune.wanted("lora", {5e-4: 0.9, 1e-3: 0.8, 2e-3: 0.8}) == [2e-4]  # and down
+    assert tune.wanted("lora", {5e-4: 0.8, 1e-3: 0.8, 2e-3: 0.7}) == [2e-4]  # a tie goes to the smaller rate
+    assert tune.wanted("lora", {1e-5: 0.9, 5e-4: 0.7, 1e-3: 0.6, 2e-3: 0.5}) == []  # at the limit
+    assert tune.wanted("lora", {5e-4: 0.1, 1e-3: 0.2, 2e-3: 0.3, 0.2: 0.4}) == []
+    assert tune.best_rate({0.1: 0.5, 0.01: 0.5, 0.05: 0.4}) == 0.01
 
 
 # -- Fed-SB ----------------------------------------------------------------------------------
