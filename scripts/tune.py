@@ -16,7 +16,8 @@ goes on with the next rate of the 1-2-5 series beyond it (up to 0.2, down to 1e-
 
 `choose` reads the finished runs, picks per method the rate of the highest last-round validation personal
 accuracy (a tie goes to the smaller rate), writes conf/method/tuned/<method>.yaml (so `method=tuned/celora`
-reproduces it) and the table docs/results/tuning.md. A method with a rate still to run is left out, named.
+reproduces it) and the table docs/results/tuning.md. A method with a rate still to run is left out, named (and
+an earlier preset of it removed); a choice at LIMITS, where a grid stops growing, is marked in the table.
 """
 from __future__ import annotations
 
@@ -119,18 +120,22 @@ def launch(methods: list[str], root: Path, runs: Path, extra: list[str]) -> None
                 archive.keep(root, runs)
 
 
-def choices(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Per method: every rate's validation accuracy and the chosen one. Also the methods not complete: a rate
-    of the grid not finished, or a best rate at the edge of those run (wanted())."""
+def choices(root: Path, methods: list[str] = list(METHODS)) -> tuple[pd.DataFrame, list[str]]:
+    """Per method: every rate's validation accuracy and the chosen one. Also the methods not complete: none
+    of its runs finished, a rate of the grid not finished, or a best rate at the edge of those run (wanted())."""
     rows, missing = [], []
-    for method, scores in finished_scores(root).items():
+    found = finished_scores(root)
+    for method in methods:
+        scores = found.get(method, {})
         todo = wanted(method, scores)
         if todo:
             missing.append(f"{method} ({len(scores)} rates finished; to run: {', '.join(f'{lr:g}' for lr in todo)})")
             continue
         best = best_rate(scores)
+        # wanted() stops growing a grid at LIMITS: a best rate there is a choice at the edge, said so
+        edge = "at the limit of the rates tried" if best in (min(scores), max(scores)) else ""
         rows.append({"method": method, "chosen lr": best, f"val {METRIC}": scores[best], "rates run": len(scores),
-                     **{f"{lr:g}": scores[lr] for lr in sorted(scores)}})
+                     "note": edge, **{f"{lr:g}": scores[lr] for lr in sorted(scores)}})
     return pd.DataFrame(rows), missing
 
 
@@ -145,13 +150,18 @@ def tuned_yaml(method: str, lr: float, acc: float) -> str:
         "", "client:", f"  lr: {lr:g}", ""])
 
 
-def choose(root: Path, runs: Path, conf: Path, out: Path) -> str:
+def choose(root: Path, runs: Path, conf: Path, out: Path, methods: list[str] = list(METHODS)) -> str:
     if root.exists():
         archive.keep(root, runs)
-    table, missing = choices(runs)
+    table, missing = choices(runs, methods)
     conf.mkdir(parents=True, exist_ok=True)
     for row in table.to_dict("records"):
         (conf / f"{row['method']}.yaml").write_text(tuned_yaml(row["method"], row["chosen lr"], row[f"val {METRIC}"]))
+    for line in missing:  # a preset of an earlier choice that its runs no longer make: gone, not stale
+        stale = conf / f"{line.split(' ')[0]}.yaml"
+        if stale.exists():
+            stale.unlink()
+            print(f"removed {stale}: its tuning is not complete", file=sys.stderr)
     md = ["Validation personal accuracy (last round) per learning rate, seed 0, client.val_fraction=0.2, "
           "Dirichlet(0.5), 1 seed. Reproduce: `python scripts/tune.py run && python scripts/tune.py choose`.", ""]
     if len(table):
@@ -179,7 +189,7 @@ def main() -> None:
     if args.action == "run":
         launch(args.methods, args.root, args.runs, extra)
     else:
-        print(choose(args.root, args.runs, args.conf, args.out))
+        print(choose(args.root, args.runs, args.conf, args.out, args.methods))
 
 
 if __name__ == "__main__":

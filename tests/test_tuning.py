@@ -105,15 +105,29 @@ def test_choose_picks_the_best_validation_rate_and_names_incomplete_methods(tmp_
             (d / "metrics.jsonl").write_text(json.dumps({"round": 15, "personal/acc": acc}) + "\n")
             (d / "summary.json").write_text(json.dumps({"time/total_s": 1800}))
     monkeypatch.setattr(tune, "method_file", lambda m: CONF_DIR / "method" / f"{m}.yaml")
-    md = tune.choose(tmp_path / "no-sweep-here", tmp_path / "runs", tmp_path / "tuned", tmp_path / "tuning.md")
-    table, missing = tune.choices(tmp_path / "runs")
+    methods = [*accs, "fed_sb"]
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "celora.yaml").write_text("client: {lr: 0.1}\n")  # an earlier choice its runs no longer make
+    md = tune.choose(tmp_path / "no-sweep-here", tmp_path / "runs", tmp_path / "tuned", tmp_path / "tuning.md", methods)
+    table, missing = tune.choices(tmp_path / "runs", methods)
     chosen = dict(zip(table["method"], table["chosen lr"]))
     assert chosen == {"lora": 2e-3, "tri": 2e-3}  # a tie goes to the smaller rate
     assert sorted(missing) == ["celora (1 rates finished; to run: 0.002, 0.005)",
+                               "fed_sb (0 rates finished; to run: 0.001, 0.002, 0.005)",  # never run: named too
                                "ffa_lora (3 rates finished; to run: 0.01)"]  # its best is the largest tried
-    assert "celora" in md and "ffa_lora" in md and "10 runs, 5.0 h of run time" in md
+    assert "celora" in md and "ffa_lora" in md and "fed_sb" in md and "10 runs, 5.0 h of run time" in md
     assert "lr: 0.002" in (tmp_path / "tuned" / "lora.yaml").read_text()
     assert not (tmp_path / "tuned" / "celora.yaml").exists() and not (tmp_path / "tuned" / "ffa_lora.yaml").exists()
+    assert set(table["note"]) == {""}  # inner choices
+
+
+def test_a_choice_at_the_limit_of_the_grid_is_marked(tmp_path, monkeypatch):
+    tune = _tune()
+    monkeypatch.setattr(tune, "grid", lambda method: (0.1, 0.2))
+    monkeypatch.setattr(tune, "finished_scores", lambda root: {"lora": {0.1: 0.6, 0.2: 0.7}})
+    table, missing = tune.choices(tmp_path, ["lora"])
+    assert not missing and list(table["chosen lr"]) == [0.2]  # LIMITS: the grid grows no further
+    assert list(table["note"]) == ["at the limit of the rates tried"]
 
 
 def test_a_grid_grows_past_a_best_rate_at_its_edge_within_limits(monkeypatch):
@@ -301,3 +315,20 @@ def test_kept_runs_restored_on_another_machine_are_not_rerun(compose_cfg, tmp_pa
     assert archive.restore(tmp_path / "results", tmp_path / "fresh") == []  # a finished dir is left alone
     other = run(compose_cfg(*TINY, "client.lr=1e-3"), run_dir=tmp_path / "fresh" / "a")  # another config: it runs
     assert other["config"] != first["config"] and (tmp_path / "fresh" / "a" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["tri", "celora", "lora", "ffa_lora", "fed_sb"])
+def test_a_frontier_run_at_r8_is_the_main_tables_dirichlet_05_seed_1_run(tmp_path, method):
+    """scripts/main_table.sh takes these runs from the frontier instead of running them twice."""
+    from celora.run import result_config
+
+    conf = shutil.copytree(CONF_DIR, tmp_path / "conf")
+    (conf / "method" / "tuned").mkdir(exist_ok=True)
+    (conf / "method" / "tuned" / f"{method}.yaml").write_text(_tune().tuned_yaml(method, 5e-3, 0.8))
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        front = compose("config", overrides=["experiment=frontier", f"method=tuned/{method}", "adapter.r=8"])
+        table = compose("config", overrides=["experiment=main_table", "+split=dirichlet_0.5",
+                                             f"method=tuned/{method}", "seed=1"])
+        other = compose("config", overrides=["experiment=main_table", "+split=dirichlet_0.1",
+                                             f"method=tuned/{method}", "seed=1"])
+    assert result_config(front) == result_config(table) != result_config(other)
