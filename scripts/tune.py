@@ -157,8 +157,9 @@ def choose(root: Path, runs: Path, conf: Path, out: Path, methods: list[str] = l
     conf.mkdir(parents=True, exist_ok=True)
     for row in table.to_dict("records"):
         (conf / f"{row['method']}.yaml").write_text(tuned_yaml(row["method"], row["chosen lr"], row[f"val {METRIC}"]))
-    for line in missing:  # a preset of an earlier choice that its runs no longer make: gone, not stale
-        stale = conf / f"{line.split(' ')[0]}.yaml"
+    chosen = set(table["method"]) if len(table) else set()
+    for method in set(methods) - chosen:  # a preset of an earlier choice that its runs no longer make: gone, not stale
+        stale = conf / f"{method}.yaml"
         if stale.exists():
             stale.unlink()
             print(f"removed {stale}: its tuning is not complete", file=sys.stderr)
