@@ -136,7 +136,9 @@ def choices(root: Path, methods: list[str] = list(METHODS)) -> tuple[pd.DataFram
         edge = "at the limit of the rates tried" if best in (min(scores), max(scores)) else ""
         rows.append({"method": method, "chosen lr": best, f"val {METRIC}": scores[best], "rates run": len(scores),
                      "note": edge, **{f"{lr:g}": scores[lr] for lr in sorted(scores)}})
-    return pd.DataFrame(rows), missing
+    table = pd.DataFrame(rows)
+    rates = sorted((c for c in table.columns if c[0].isdigit()), key=float)  # one rate column each, in order
+    return table[[c for c in table.columns if not c[0].isdigit()] + rates], missing
 
 
 def tuned_yaml(method: str, lr: float, acc: float) -> str:
