@@ -14,6 +14,7 @@ UPLOAD_NOISE = 9  # the DP noise on a round's uploads (round)
 EVAL_CLIENTS = 10  # which clients personal evaluation scores when fl.eval_clients < all (once a run)
 VALIDATION = 11  # each client's validation rows, carved out of its local train (client.val_fraction; client)
 LORA_SB_BATCH = 12  # the one batch each client computes Fed-SB's round-0 gradient on (client)
+PARTITION_REDRAW = 13  # the seeds a Dirichlet partition is drawn from after the run's own (attempt)
 
 
 def derive_seed(*parts: int) -> int:

@@ -1,4 +1,6 @@
 """Client partitions: coverage, label skew, seeding, local splits and the errors users hit."""
+import dataclasses
+import warnings
 from pathlib import Path
 
 import datasets
@@ -8,7 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from flwr_datasets.partitioner import DirichletPartitioner
+
 from celora.data.partition import ClientSplit, Dirichlet, Grouped, Iid, Natural, Pathological, label_counts
+from celora.data.text import hold_out, rt_reviews, rt_source, take
 from tolerance import gamma
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "partition"
@@ -150,8 +155,47 @@ def test_a_client_with_too_few_examples(data):
 
 
 def test_dirichlet_that_cannot_meet_min_partition_size(data):
-    with pytest.raises(ValueError, match="could not give all 50 clients >= 20 examples"):
-        Dirichlet(alpha=0.05, min_partition_size=20).split(data, 50, seed=0)
+    with pytest.raises(ValueError, match="could not give all 50 clients >= 20 examples in 20 draws.*larger max_draws"):
+        Dirichlet(alpha=0.05, min_partition_size=20, max_draws=15).split(data, 50, seed=0)
+
+
+def test_dirichlet_max_draws_must_be_positive():
+    with pytest.raises(ValueError, match="partition.max_draws=0 must be >= 1"):
+        Dirichlet(max_draws=0)
+
+
+def _flwr_dirichlet(data, num_clients, seed, **kw):
+    """flwr-datasets' DirichletPartitioner on its own: its 10 draws from `seed`."""
+    partitioner = DirichletPartitioner(num_clients, "label", seed=seed, **kw)
+    partitioner.dataset = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [np.sort(np.asarray(partitioner.load_partition(c)["row"][:])) for c in range(num_clients)]
+
+
+def test_dirichlet_found_in_flwrs_own_draws_is_flwrs_partition():
+    """More redraws change no partition flwr finds by itself: only splits that used to fail are new."""
+    data = synthetic(n=3000)
+    ours = Dirichlet(alpha=0.3, min_partition_size=10, max_draws=1000).split(data, 5, seed=4)
+    theirs = _flwr_dirichlet(data.add_column("row", np.arange(len(data))).select_columns(["label", "row"]),
+                             5, 4, alpha=0.3, min_partition_size=10, self_balancing=False)
+    for split, rows in zip(ours, theirs):
+        assert np.array_equal(np.sort(np.concatenate([split.train, split.test])), rows)
+
+
+def test_the_main_tables_dirichlet_01_split_partitions_at_every_seed(compose_cfg):
+    """conf/split/dirichlet_0.1.yaml over the embedded default's training rows (2 classes, 10 clients) at the
+    main table's seeds: every client gets min_partition_size, which flwr's own 10 draws miss at seeds 1 and 2."""
+    cfg = compose_cfg("+split=dirichlet_0.1")
+    partition = instantiate(cfg.partition)
+    assert partition.alpha == 0.1
+    for seed in (1, 2, 3):
+        train = hold_out(take(rt_reviews(rt_source()), cfg.dataset.limit, seed), cfg.dataset.test_fraction, seed)["train"]
+        sizes = [len(s.train) + len(s.test) for s in partition.split(train, cfg.fl.num_clients, seed)]
+        assert min(sizes) >= partition.min_partition_size and sum(sizes) == len(train)
+        if seed == 1:
+            with pytest.raises(ValueError, match="in 10 draws"):
+                dataclasses.replace(partition, max_draws=10).split(train, cfg.fl.num_clients, seed)
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0])

@@ -14,9 +14,10 @@ from flwr_datasets.partitioner import (
 )
 from sklearn.model_selection import train_test_split
 
-from celora.seeds import VALIDATION, derive_seed
+from celora.seeds import PARTITION_REDRAW, VALIDATION, derive_seed
 
 INDEX = "__index__"
+FLWR_DRAWS = 10  # DirichletPartitioner's draws per seed before it gives up (fixed in flwr-datasets)
 
 
 @dataclass
@@ -132,11 +133,18 @@ class Iid(Partition):
 
 @dataclass
 class Dirichlet(Partition):
-    """Per class, client shares drawn from Dir(alpha): smaller alpha, more label skew."""
+    """Per class, client shares drawn from Dir(alpha): smaller alpha, more label skew.
+
+    Drawn again until every client has `min_partition_size` examples, up to `max_draws` draws: flwr-datasets'
+    DirichletPartitioner makes 10 draws from the run's seed, then 10 from each further seed derived from it
+    (seeds.PARTITION_REDRAW). A partition found in the first 10 draws is flwr's own, whatever `max_draws` is.
+    A skewed split of few classes over many clients (alpha = 0.1, 2 classes, 10 clients) needs many draws:
+    the result is Dir(alpha) conditioned on the minimum size, as flwr's own redraws already make it."""
 
     alpha: float = 0.5
     min_partition_size: int = 10
     self_balancing: bool = False
+    max_draws: int = 1000
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,24 +152,30 @@ class Dirichlet(Partition):
             raise ValueError(f"partition.alpha={self.alpha} must be > 0 (0.1: strongly skewed, 10: near IID).")
         if self.min_partition_size < 0:
             raise ValueError(f"partition.min_partition_size={self.min_partition_size} must be >= 0.")
+        if self.max_draws < 1:
+            raise ValueError(f"partition.max_draws={self.max_draws} must be >= 1 (flwr draws 10 per seed).")
 
     def _hint(self) -> str:
         return ", a larger alpha, or a larger min_partition_size"
 
     def _assign(self, ds, num_clients, seed, label_column):
-        partitioner = DirichletPartitioner(num_clients, label_column, alpha=float(self.alpha),
-                                           min_partition_size=self.min_partition_size,
-                                           self_balancing=self.self_balancing, seed=seed)
-        try:
-            # flwr warns on each of its up-to-10 redraws; only the final outcome matters here.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return _indices(partitioner, ds, num_clients)
-        except ValueError as err:
-            raise ValueError(
-                f"Dirichlet(alpha={self.alpha}) could not give all {num_clients} clients "
-                f">= {self.min_partition_size} examples ({err}); use fewer clients, a larger alpha, "
-                f"or a smaller min_partition_size.") from err
+        seeds = -(-self.max_draws // FLWR_DRAWS)
+        for attempt in range(seeds):
+            draw_seed = seed if attempt == 0 else derive_seed(seed, PARTITION_REDRAW, attempt) % 2**32
+            partitioner = DirichletPartitioner(num_clients, label_column, alpha=float(self.alpha),
+                                               min_partition_size=self.min_partition_size,
+                                               self_balancing=self.self_balancing, seed=draw_seed)
+            try:
+                # flwr warns on each of its redraws; only the final outcome matters here.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return _indices(partitioner, ds, num_clients)
+            except ValueError as err:
+                last = err
+        raise ValueError(
+            f"Dirichlet(alpha={self.alpha}) could not give all {num_clients} clients "
+            f">= {self.min_partition_size} examples in {seeds * FLWR_DRAWS} draws ({last}); use fewer clients, "
+            f"a larger alpha, a smaller min_partition_size, or a larger max_draws.") from last
 
 
 @dataclass
