@@ -231,7 +231,8 @@ def paired(runs: pd.DataFrame, split: list[str], arm: str, ours: list[str], metr
     from scipy.stats import ttest_rel
 
     out = []
-    for key, group in runs.groupby(split, dropna=False, sort=False):
+    groups = runs.groupby(split, dropna=False, sort=False) if split else [((), runs)]  # no split key: one split
+    for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         means = group.groupby(arm)[metric].mean()
         others = means.drop([a for a in (*ours, *exclude) if a in means.index])

@@ -259,6 +259,14 @@ def test_paired_differences_against_the_best_baseline_of_each_split():
     assert a["per seed"] == "1: +0.020, 2: +0.030, 3: +0.040"
 
 
+def test_paired_without_a_split_key_compares_over_all_runs_as_one_split():
+    from celora.analysis import paired
+
+    one = _runs()[lambda d: d.split == "b"].drop(columns="split")  # e.g. report.py on one split's dir, --by method
+    (row,) = paired(one, [], "method", ["tuned/celora"], exclude=("tuned/centralized",)).to_dict("records")
+    assert row["best baseline"] == "tuned/lora" and row["difference mean"] == pytest.approx(-0.07)
+
+
 def test_frontier_figure_has_a_panel_per_accuracy_and_marks_the_front():
     from celora.analysis import frontier
 
