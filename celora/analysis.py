@@ -221,13 +221,15 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def paired(runs: pd.DataFrame, split: list[str], arm: str, ours: list[str], metric: str = "personal/acc",
-           exclude: tuple[str, ...] = ()) -> pd.DataFrame:
+           exclude: tuple[str, ...] = (), budget: str | None = None) -> pd.DataFrame:
     """Each of `ours` against the best other arm of each split, seed by seed.
 
     `runs` is per_run()'s table (one row per finished run). Per `split` group, the best baseline is the arm
-    (a value of column `arm`, none of `ours` or `exclude`) of highest mean `metric` over seeds; the rows give
-    ours - best on the seeds both ran: its mean, std and n, each seed's difference, a paired t-test's p (n >= 2)
-    and a verdict: `win` or `loss` where p < 0.05, else `tie`."""
+    (a value of column `arm`, none of `ours` or `exclude`) of highest mean `metric` over seeds; with `budget`
+    (a column, e.g. `comm/up_bytes_cum`) only arms whose mean `budget` is at most ours' compete: the best
+    method that sends no more bytes. The rows give ours - best on the seeds where both have the metric: its
+    mean, std and n, each seed's difference, a paired t-test's p (n >= 2) and a verdict: `win` or `loss`
+    where p < 0.05, else `tie`."""
     from scipy.stats import ttest_rel
 
     out = []
@@ -235,13 +237,15 @@ def paired(runs: pd.DataFrame, split: list[str], arm: str, ours: list[str], metr
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         means = group.groupby(arm)[metric].mean()
-        others = means.drop([a for a in (*ours, *exclude) if a in means.index])
-        if others.empty:
-            continue
-        best = others.idxmax()
-        base = group[group[arm] == best].set_index("seed")[metric]
-        for mine in ours:
-            own = group[group[arm] == mine].set_index("seed")[metric]
+        others = means.drop([a for a in (*ours, *exclude) if a in means.index]).dropna()
+        cost = group.groupby(arm)[budget].mean() if budget else None
+        for mine in ours:  # an arm without the metric (no global model: a local head) has no row
+            own = group[group[arm] == mine].set_index("seed")[metric].dropna()
+            rivals = others[cost[others.index] <= cost.get(mine, np.nan)] if budget else others
+            if own.empty or rivals.empty:
+                continue
+            best = rivals.idxmax()
+            base = group[group[arm] == best].set_index("seed")[metric].dropna()
             seeds = sorted(set(own.index) & set(base.index))
             if not seeds:
                 continue
@@ -251,7 +255,8 @@ def paired(runs: pd.DataFrame, split: list[str], arm: str, ours: list[str], metr
             out.append({**dict(zip(split, key)), arm: mine, "best baseline": best, f"{metric} ours": own.loc[seeds].mean(),
                         f"{metric} baseline": base.loc[seeds].mean(), "difference mean": diff.mean(),
                         "difference std": diff.std(), "n": len(seeds),
-                        "per seed": ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diff)), "p": p, "verdict": verdict})
+                        "per seed": ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diff)), "p": p, "verdict": verdict,
+                        **({f"{budget} ours": cost[mine], f"{budget} baseline": cost[best]} if budget else {})})
     return pd.DataFrame(out)
 
 
@@ -307,24 +312,47 @@ def over_rounds(df: pd.DataFrame, y: str, x: str = "round", by: list[str] | None
     return out
 
 
+def facets(df: pd.DataFrame, by: list[str] | None = None) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The panels of a figure: with two or more `by` keys, one panel per value of the first (e.g. a split)
+    and the lines grouped by the rest (the methods); with one key or none, a single panel. Returns
+    (panel title -> its rows, the keys that tell lines apart)."""
+    by = swept_keys(df) if by is None else list(by)
+    if len(by) < 2:
+        return {"": df}, by
+    head, rest = by[0], by[1:]
+    return {f"{head}={value}": rows for value, rows in df.groupby(head, dropna=False, sort=True)}, rest
+
+
 def accuracy_by_round(df: pd.DataFrame, y: str = "personal/acc", by: list[str] | None = None):
-    """Figure: `y` against round, one line per group, mean ± std over seeds."""
-    return plots.curves(over_rounds(df, y, by=by), "round", y, title=f"{y} by round")
+    """Figure: `y` against round, one line per group, mean ± std over seeds (a panel per value of the first
+    of several `by` keys)."""
+    panels, rest = facets(df, by)
+    series = {name: (over_rounds(rows, y, by=rest), {}) for name, rows in panels.items()}
+    return plots.curves(series, "round", y, title=f"{y} by round", order=_line_order(df, rest))
 
 
 def accuracy_vs_bytes(df: pd.DataFrame, y: str = "personal/acc", by: list[str] | None = None):
     """Figure: `y` against cumulative uplink bytes (log x); groups that send nothing are a dashed line at
-    their final `y`."""
-    series, flat = {}, {}
-    groups = over_rounds(df, y, x="comm/up_bytes_cum", by=by)
-    for name, (x, mean, std) in groups.items():
-        sent = x > 0
-        if sent.any():
-            series[name] = (x[sent], mean[sent], std[sent])
-        else:
-            flat[name] = mean[-1]
-    return plots.curves(series, "cumulative uplink bytes (all clients)", y, title=f"{y} against uplink (dashed: no uplink)",
-                  logx=True, flat=flat, order=list(groups))
+    their final `y` (a panel per value of the first of several `by` keys)."""
+    panels, rest = facets(df, by)
+    out = {}
+    for name, rows in panels.items():
+        series, flat = {}, {}
+        for line, (x, mean, std) in over_rounds(rows, y, x="comm/up_bytes_cum", by=rest).items():
+            sent = x > 0
+            if sent.any():
+                series[line] = (x[sent], mean[sent], std[sent])
+            else:
+                flat[line] = mean[-1]
+        out[name] = (series, flat)
+    return plots.curves(out, "cumulative uplink bytes (all clients)", y, title=f"{y} against uplink (dashed: no uplink)",
+                        logx=True, order=_line_order(df, rest))
+
+
+def _line_order(df: pd.DataFrame, by: list[str]) -> list[str]:
+    """Every line's label over all panels, in order of first appearance: one label, one colour everywhere."""
+    rows = df.drop_duplicates(subset=by) if by else df.head(1)
+    return [label(row, by) for _, row in rows.iterrows()]
 
 
 def weights_heatmap(run: str | Path, rnd: int | None = None):

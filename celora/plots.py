@@ -45,29 +45,35 @@ def partition_histogram(partition: dict, title: str = "train labels per client")
     return fig
 
 
-def curves(series: dict[str, tuple], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
-           flat: dict[str, float] | None = None, order: list[str] | None = None):
-    """One line per label from (x, mean, std) arrays, std shaded; `flat` draws labelled horizontal lines
-    (methods that send nothing have no point on a log byte axis). `order` fixes each label's colour,
-    so one label has one colour across figures."""
-    flat = flat or {}
-    colour = {name: f"C{i % 10}" for i, name in enumerate(order or [*series, *flat])}
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.subplots()
-    for name, (x, mean, std) in series.items():
-        ax.plot(x, mean, marker="o", ms=3, color=colour[name], label=name)
-        ax.fill_between(x, mean - std, mean + std, color=colour[name], alpha=0.15, lw=0)
-    for name, y in flat.items():
-        ax.axhline(y, ls="--", lw=1, color=colour[name], label=name)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+def curves(panels: dict[str, tuple[dict, dict]], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+           order: list[str] | None = None):
+    """One panel per entry of `panels` (panel title -> (series, flat)), side by side on a shared y axis.
+    `series`: one line per label from (x, mean, std) arrays, std shaded; `flat`: labelled horizontal lines
+    (methods that send nothing have no point on a log byte axis). `order` fixes each label's colour, so one
+    label has one colour across panels and figures; the legend, one for all panels, sits below them."""
+    labels = list(dict.fromkeys(n for series, flat in panels.values() for n in [*series, *flat]))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(order or labels)}
+    fig = Figure(figsize=(1.0 + 5.0 * len(panels), 3.6 + 0.22 * ((len(labels) + 2) // 3)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0])
+    for ax, (name, (series, flat)) in zip(axes, panels.items()):
+        for label, (x, mean, std) in series.items():
+            ax.plot(x, mean, marker="o", ms=3, color=colour[label], label=label)
+            ax.fill_between(x, mean - std, mean + std, color=colour[label], alpha=0.15, lw=0)
+        for label, y in flat.items():
+            ax.axhline(y, ls="--", lw=1, color=colour[label], label=label)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize="medium")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+        fig.suptitle(title)
+    handles = {}
+    for ax in axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend([handles[n] for n in labels], labels, loc="outside lower center", ncols=min(3, len(labels)),
+               fontsize="small")
     return fig
 
 

@@ -19,3 +19,5 @@ done
 trap '"$PY" -m celora.archive keep multirun/main_table docs/results/main_table/runs' EXIT  # what finished is kept
 "$PY" -m celora -m experiment=main_table "$@"
 "$PY" scripts/report.py multirun/main_table --by split method --paired --summaries --out docs/results/main_table
+# the same runs read for the global model (paired against the best baseline that has one; the plots show global/acc)
+"$PY" scripts/report.py multirun/main_table --by split method --paired --metric global/acc --out docs/results/main_table/global_acc

@@ -11,7 +11,8 @@ The markdown table is printed too.
 
 --paired (the main table: --by split method) adds paired.md / paired.csv: each CE-LoRA arm (--ours, default
 celora and celora_local_head, tuned or not) against the best other method of its split (centralized, the
-pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict.
+pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict;
+then the same against the best baseline that sends no more uplink bytes (paired_bytes.csv).
 --frontier (--by method adapter.r) adds frontier.png: personal and global accuracy against total uplink
 bytes, one point per run, the Pareto front marked, and frontier.md (the points, front ones marked).
 --summaries copies each finished run's small files (config, metrics, summary.json) into --out/runs/<run>/
@@ -50,11 +51,22 @@ def paired_report(runs: pd.DataFrame, by: list[str], metric: str, ours: tuple[st
     arm = "method" if "method" in by else by[-1]
     split = [k for k in by if k != arm]
     names = runs[arm].unique()
-    table = analysis.paired(runs, split, arm, arms(names, ours), metric, tuple(arms(names, NOT_BASELINES)))
+    args = (runs, split, arm, arms(names, ours), metric, tuple(arms(names, NOT_BASELINES)))
+    table = analysis.paired(*args)
     table.to_csv(out / "paired.csv", index=False)
     md = (f"Paired against the best baseline of each split ({metric}, last round; ours - best, per seed; "
           "verdict: paired t-test p < 0.05, else tie). The best baseline is picked on these same rows (highest mean), "
           "which favours it: a win is conservative. With n = 3 seeds, p < 0.05 needs |t| > 4.30.\n\n" + analysis.frame_markdown(table, digits=3))
+    if "comm/up_bytes_cum" in runs:
+        cheap = analysis.paired(*args, budget="comm/up_bytes_cum")
+        md += ("\n\nPaired against the best baseline that sends **no more uplink bytes** (mean total over seeds; "
+               "`local` sends none), the same test:\n\n")
+        if cheap.empty:
+            md += "No baseline sends as few bytes as ours."
+        else:
+            cheap.to_csv(out / "paired_bytes.csv", index=False)
+            mb = {f"uplink MB {w}": cheap.pop(f"comm/up_bytes_cum {w}") / 1e6 for w in ("ours", "baseline")}
+            md += analysis.frame_markdown(cheap.assign(**mb), digits=3)
     (out / "paired.md").write_text(md + "\n")
     return md
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from celora.analysis import load_runs, results, swept_keys
+from celora.analysis import load_runs, per_run, results, swept_keys
 from celora.metrics import KEYS
 from celora.run import run
 from conftest import CONF_DIR, TINY
@@ -107,6 +107,32 @@ def test_load_runs_reports_a_crashed_and_a_running_run(sweep, tmp_path, compose_
     assert results(df[df["status"] == "finished"], by=["method"])["n"].sum() == 2
 
 
+def test_figures_take_a_panel_per_value_of_the_first_of_several_keys(sweep):
+    """`--by split method` on the main table: one panel per split, one line per method, one colour per method in
+    every panel. Here: a panel per method, a line per seed, each line the run's own logged accuracy."""
+    from celora.analysis import accuracy_by_round, accuracy_vs_bytes
+
+    df = load_runs(sweep)
+    for figure in (accuracy_by_round, accuracy_vs_bytes):
+        fig = figure(df, "personal/acc", ["method", "seed"])
+        axes = fig.get_axes()
+        assert sorted(ax.get_title() for ax in axes) == ["method=celora", "method=lora"]
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["0", "1"]
+        for ax in axes:
+            method = ax.get_title().removeprefix("method=")
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert sorted(lines) == ["0", "1"]
+            for seed, line in lines.items():
+                rows = df[(df["method"] == method) & (df["seed"] == int(seed))].dropna(subset=["personal/acc"])
+                if figure is accuracy_vs_bytes:
+                    rows = rows[rows["comm/up_bytes_cum"] > 0]
+                assert list(line.get_ydata()) == list(rows["personal/acc"])
+        colours = {(ax.get_title(), line.get_label()): line.get_color() for ax in axes for line in ax.get_lines()}
+        assert colours[("method=lora", "0")] == colours[("method=celora", "0")] != colours[("method=lora", "1")]
+        one = figure(df, "personal/acc", ["method"])
+        assert len(one.get_axes()) == 1 and [t.get_text() for t in one.legends[0].get_texts()] == list(METHODS)
+
+
 def test_report_writes_table_csv_and_plots(sweep, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--out", str(tmp_path)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
@@ -119,6 +145,21 @@ def test_report_writes_table_csv_and_plots(sweep, tmp_path):
     assert sum(line.startswith("| ") for line in lines) == 1 + len(METHODS)  # the header, one row a method
     seconds = sum(json.loads(p.read_text())["time/total_s"] for p in sweep.rglob("summary.json"))
     assert lines[-1] == f"{len(METHODS) * len(SEEDS)} runs, {seconds / 3600:.1f} h of run time in all (the sum of their time/total_s)."
+
+
+def test_report_paired_against_the_best_baseline_and_within_its_bytes(sweep, tmp_path):
+    import pandas as pd
+
+    proc = subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--by", "method", "--paired", "--out", str(tmp_path)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = pd.read_csv(tmp_path / "paired.csv").to_dict("records")
+    final = per_run(load_runs(sweep)).groupby("method")["personal/acc"].mean()  # the last round's, mean over seeds
+    assert row["method"] == "celora" and row["best baseline"] == "lora" and row["n"] == len(SEEDS)
+    assert row["difference mean"] == pytest.approx(final["celora"] - final["lora"], rel=1e-12)
+    # celora sends fewer bytes than lora, the only baseline: nothing to pair within its budget
+    assert "No baseline sends as few bytes as ours." in (tmp_path / "paired.md").read_text()
+    assert not (tmp_path / "paired_bytes.csv").exists()
 
 
 def test_notebook_executes(sweep, tmp_path, monkeypatch):

@@ -267,6 +267,37 @@ def test_paired_without_a_split_key_compares_over_all_runs_as_one_split():
     assert row["best baseline"] == "tuned/lora" and row["difference mean"] == pytest.approx(-0.07)
 
 
+def test_paired_within_a_byte_budget_takes_the_best_baseline_that_sends_no_more():
+    from celora.analysis import paired
+
+    runs = _runs()[lambda d: d.split == "a"]  # lora: 40 MB, celora and tri: 2 MB on average
+    (row,) = paired(runs, ["split"], "method", ["tuned/celora"], exclude=("tuned/centralized",),
+                    budget="comm/up_bytes_cum").to_dict("records")
+    assert row["best baseline"] == "tuned/tri" and row["difference mean"] == pytest.approx(0.10)
+    assert row["comm/up_bytes_cum baseline"] <= row["comm/up_bytes_cum ours"] == 2e6
+    cheaper = runs.assign(**{"comm/up_bytes_cum": runs["comm/up_bytes_cum"] * (1 + (runs.method == "tuned/tri"))})
+    assert paired(cheaper, ["split"], "method", ["tuned/celora"], exclude=("tuned/centralized",),
+                  budget="comm/up_bytes_cum").empty  # no baseline within the budget: no row
+
+
+def test_paired_skips_an_arm_without_the_metric_and_a_seed_the_baseline_lacks():
+    """global/acc: a local head has no global model (NaN), so no row, not a 'tie' of NaN differences."""
+    import math
+
+    import pandas as pd
+
+    from celora.analysis import paired
+
+    runs = _runs()[lambda d: d.split == "a"]
+    head = runs[runs.method == "tuned/celora"].assign(method="tuned/celora_local_head", **{"global/acc": math.nan})
+    runs = pd.concat([runs, head], ignore_index=True)
+    runs.loc[(runs.method == "tuned/lora") & (runs.seed == 3), "global/acc"] = math.nan  # the baseline lacks seed 3
+    table = paired(runs, ["split"], "method", ["tuned/celora", "tuned/celora_local_head"], "global/acc",
+                   exclude=("tuned/centralized",))
+    (row,) = table.to_dict("records")
+    assert row["method"] == "tuned/celora" and row["n"] == 2 and row["per seed"] == "1: +0.020, 2: +0.030"
+
+
 def test_frontier_figure_has_a_panel_per_accuracy_and_marks_the_front():
     from celora.analysis import frontier
 
