@@ -369,6 +369,23 @@ def partition_histogram(run: str | Path):
     return plots.partition_histogram(json.loads((Path(run) / "partition.json").read_text()))
 
 
+def majority_accuracy(run: str | Path) -> float:
+    """The personal accuracy of no training at all: each client predicts the commonest class of its own train
+    rows on its local test rows, example-weighted over clients as `personal/acc` is. The label prior that a
+    personalised method has to beat on a label-skewed split; from the run dir's partition.json."""
+    clients = json.loads((Path(run) / "partition.json").read_text())["clients"]
+    right = sum(c["test_counts"][int(np.argmax(c["train_counts"]))] for c in clients)
+    return right / sum(sum(c["test_counts"]) for c in clients)
+
+
+def majority_by_split(runs: pd.DataFrame, split: list[str]) -> pd.DataFrame:
+    """`majority_accuracy` per split (mean, std and n over its seeds), from per_run()'s table (`path`):
+    runs of one split and seed share a partition, so each seed counts once."""
+    have = runs[[Path(p, "partition.json").exists() for p in runs["path"]]].drop_duplicates([*split, "seed"])
+    have = have.assign(**{"majority acc": [majority_accuracy(p) for p in have["path"]]})
+    return aggregate(have, split, ["majority acc"])
+
+
 def group_weight_share(run: str | Path) -> pd.DataFrame:
     """How much of its aggregation weight each client puts on clients of its own latent group, per round.
 

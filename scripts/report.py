@@ -67,6 +67,12 @@ def paired_report(runs: pd.DataFrame, by: list[str], metric: str, ours: tuple[st
             cheap.to_csv(out / "paired_bytes.csv", index=False)
             mb = {f"uplink MB {w}": cheap.pop(f"comm/up_bytes_cum {w}") / 1e6 for w in ("ours", "baseline")}
             md += analysis.frame_markdown(cheap.assign(**mb), digits=3)
+    if metric == "personal/acc" and "path" in runs:
+        prior = analysis.majority_by_split(runs, split)
+        md += ("\n\nNo training at all, each client predicting the commonest class of its own train rows "
+               "(`analysis.majority_accuracy`, from partition.json), reaches on its local test rows: " +
+               "; ".join(f"{analysis.label(row, split)} {row['majority acc mean']:.3f} ± {row['majority acc std']:.3f} "
+                         f"(n = {int(row['majority acc n'])})" for _, row in prior.iterrows()) + ".")
     (out / "paired.md").write_text(md + "\n")
     return md
 

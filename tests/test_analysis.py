@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from celora.analysis import load_runs, per_run, results, swept_keys
+from celora.analysis import load_runs, majority_accuracy, per_run, results, swept_keys
 from celora.metrics import KEYS
 from celora.run import run
 from conftest import CONF_DIR, TINY
@@ -160,6 +161,17 @@ def test_report_paired_against_the_best_baseline_and_within_its_bytes(sweep, tmp
     # celora sends fewer bytes than lora, the only baseline: nothing to pair within its budget
     assert "No baseline sends as few bytes as ours." in (tmp_path / "paired.md").read_text()
     assert not (tmp_path / "paired_bytes.csv").exists()
+    prior = [majority_accuracy(next(p.parent for p in sweep.rglob("summary.json")
+                                    if json.loads(p.read_text())["config"]["seed"] == s)) for s in SEEDS]
+    mean, std = np.mean(prior), np.std(prior, ddof=1)
+    assert f"reaches on its local test rows: all {mean:.3f} ± {std:.3f} (n = {len(SEEDS)})." in (tmp_path / "paired.md").read_text()
+
+
+def test_majority_accuracy_is_each_clients_commonest_train_class_on_its_test_rows(tmp_path):
+    clients = [{"train_counts": [8, 2], "test_counts": [3, 1]}, {"train_counts": [1, 9], "test_counts": [2, 2]},
+               {"train_counts": [0, 0, 5], "test_counts": [1, 0, 0]}]
+    (tmp_path / "partition.json").write_text(json.dumps({"clients": clients}))
+    assert majority_accuracy(tmp_path) == (3 + 2 + 0) / (4 + 4 + 1)  # example-weighted, as personal/acc
 
 
 def test_notebook_executes(sweep, tmp_path, monkeypatch):
