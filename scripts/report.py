@@ -12,7 +12,8 @@ The markdown table is printed too.
 --paired (the main table: --by split method) adds paired.md / paired.csv: each CE-LoRA arm (--ours, default
 celora and celora_local_head, tuned or not) against the best other method of its split (centralized, the
 pooled upper bound, is not a baseline), per seed, mean ± std, a paired t-test and a win / tie / loss verdict;
-then the same against the best baseline that sends no more uplink bytes (paired_bytes.csv).
+then the same against the best baseline that sends no more uplink bytes (paired_bytes.csv),
+and (for personal/acc) the label prior per split: each client predicting its commonest train class.
 --frontier (--by method adapter.r) adds frontier.png: personal and global accuracy against total uplink
 bytes, one point per run, the Pareto front marked, and frontier.md (the points, front ones marked).
 --summaries copies each finished run's small files (config, metrics, summary.json) into --out/runs/<run>/
