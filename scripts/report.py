@@ -61,19 +61,20 @@ def paired_report(runs: pd.DataFrame, by: list[str], metric: str, ours: tuple[st
     if "comm/up_bytes_cum" in runs:
         cheap = analysis.paired(*args, budget="comm/up_bytes_cum")
         md += ("\n\nPaired against the best baseline that sends **no more uplink bytes** (mean total over seeds; "
-               "`local` sends none), the same test:\n\n")
+               "a method that sends nothing, such as `local`, competes with every arm), the same test:\n\n")
         if cheap.empty:
             md += "No baseline sends as few bytes as ours."
         else:
             cheap.to_csv(out / "paired_bytes.csv", index=False)
             mb = {f"uplink MB {w}": cheap.pop(f"comm/up_bytes_cum {w}") / 1e6 for w in ("ours", "baseline")}
             md += analysis.frame_markdown(cheap.assign(**mb), digits=3)
-    if metric == "personal/acc" and "path" in runs:
-        prior = analysis.majority_by_split(runs, split)
+    prior = analysis.majority_by_split(runs, split) if metric == "personal/acc" and "path" in runs else pd.DataFrame()
+    if len(prior):
         md += ("\n\nNo training at all, each client predicting the commonest class of its own train rows "
                "(`analysis.majority_accuracy`, from partition.json), reaches on its local test rows: " +
-               "; ".join(f"{analysis.label(row, split)} {row['majority acc mean']:.3f} ± {row['majority acc std']:.3f} "
-                         f"(n = {int(row['majority acc n'])})" for _, row in prior.iterrows()) + ".")
+               "; ".join(f"{analysis.label(row, split)} {row['majority acc mean']:.3f}"
+                         + (f" ± {row['majority acc std']:.3f}" if row["majority acc n"] > 1 else "")
+                         + f" (n = {int(row['majority acc n'])})" for _, row in prior.iterrows()) + ".")
     (out / "paired.md").write_text(md + "\n")
     return md
 
