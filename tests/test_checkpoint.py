@@ -1,6 +1,9 @@
 """Checkpoint files: round trip, atomic and checksummed, the last two kept, fallback, safe loading, config diffs."""
+import json
+import logging
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -31,7 +34,7 @@ def test_only_the_newest_two_are_kept(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
-def test_a_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, damage):
+def test_a_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, damage, caplog):
     checkpoint.save(tmp_path, 1, _payload(1))
     checkpoint.save(tmp_path, 2, _payload(2))
     path = checkpoint.path_of(tmp_path, 2)
@@ -43,8 +46,9 @@ def test_a_damaged_latest_falls_back_to_the_previous_with_a_warning(tmp_path, da
     else:
         data = b""
     path.write_bytes(data)
-    with pytest.warns(UserWarning, match=r"round_00002.pt.*resuming from round_00001.pt"):
+    with caplog.at_level(logging.WARNING, logger="celora"):
         assert checkpoint.load_latest(tmp_path)["round"] == 1
+    assert re.search(r"round_00002.pt.*resuming from round_00001.pt", caplog.text)
 
 
 def test_no_usable_checkpoint_says_so_and_how_to_start_over(tmp_path):
@@ -99,3 +103,43 @@ def test_added_keys_are_all_a_config_may_gain_and_still_be_the_same_run():
     assert checkpoint.added_keys(old, grown) == ["client.val_fraction", "flower.connect_timeout_s"]
     assert checkpoint.added_keys(old, {**grown, "seed": 1}) is None  # a changed value
     assert checkpoint.added_keys(grown, old) is None  # removed keys
+
+
+def _stats_config(dp_epsilon, **more):
+    return {"seed": 0, "aggregator": {"data_stats": {"dp_epsilon": dp_epsilon, "dp_delta": 1e-5, **more}}}
+
+
+@pytest.mark.parametrize("dp_epsilon", [1.0, None])
+def test_a_key_declared_before_is_added_only_at_its_old_value(dp_epsilon):
+    # Saved before dp_mechanism existed: those runs drew the classic mechanism's noise.
+    old = _stats_config(dp_epsilon)
+    key = "aggregator.data_stats.dp_mechanism"
+    assert checkpoint.BEFORE[key].value == "classic"
+    assert checkpoint.added_keys(old, _stats_config(dp_epsilon, dp_mechanism="classic")) == [key]
+    analytic = checkpoint.added_keys(old, _stats_config(dp_epsilon, dp_mechanism="analytic"))
+    # With DP the new default is other noise, another run; without DP the key draws nothing: the same run
+    # (so the kept runs of docs/results/, all without DP, are not trained again).
+    assert analytic == (None if dp_epsilon is not None else [key])
+    # Saved with the key: its value is compared as any other's.
+    assert checkpoint.added_keys(_stats_config(dp_epsilon, dp_mechanism="classic"),
+                                 _stats_config(dp_epsilon, dp_mechanism="analytic")) is None
+    # A key not in BEFORE beside it keeps the ordinary rule.
+    grown = _stats_config(dp_epsilon, dp_mechanism="classic")
+    grown["client"] = {"val_fraction": 0}
+    assert checkpoint.added_keys(old, grown) == ["aggregator.data_stats.dp_mechanism", "client.val_fraction"]
+
+
+def test_an_old_dp_run_resumes_and_is_finished_under_classic_only(tmp_path):
+    from celora.run import finished_before, resume_point
+
+    old = _stats_config(1.0)
+    checkpoint.save(tmp_path / "checkpoints", 2, {"round": 2, "config": old,
+                                                  "config_hash": checkpoint.fingerprint(old)})
+    (tmp_path / "summary.json").write_text(json.dumps({"last": {}, "config": old}))
+    classic, analytic = _stats_config(1.0, dp_mechanism="classic"), _stats_config(1.0, dp_mechanism="analytic")
+    assert resume_point(tmp_path / "checkpoints", "auto", classic)["round"] == 2
+    assert finished_before(tmp_path, classic) == {"last": {}, "config": old}
+    with pytest.raises(ValueError, match=r"another config \(aggregator.data_stats.dp_mechanism: '<unset>' -> "
+                                         r"'analytic'\)"):
+        resume_point(tmp_path / "checkpoints", "auto", analytic)
+    assert finished_before(tmp_path, analytic) is None

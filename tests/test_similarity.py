@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import minimize
 
 from celora.fl.aggregators import weighted_average
-from celora.privacy.stats import clip_rows, gaussian_mechanism_sigma, privatize
+from celora.privacy.stats import MECHANISMS, clip_rows, gaussian_mechanism_sigma, noise_sigma, privatize
 from celora.similarity import (
     ClassStats,
     class_gaussians,
@@ -146,8 +146,12 @@ def test_gaussian_mechanism_sigma_matches_hand_computation():
 def test_gaussian_mechanism_rejects_bad_privacy_parameters(epsilon, delta, match):
     with pytest.raises(ValueError, match=match):
         gaussian_mechanism_sigma(epsilon, delta, 1.0)
-    with pytest.raises(ValueError, match=match):
-        privatize(torch.zeros(3, 2), torch.tensor([0, 1, 1]), 2, 1.0, epsilon, delta, torch.Generator())
+    for mechanism in MECHANISMS:
+        with pytest.raises(ValueError, match=match):
+            noise_sigma(mechanism, epsilon, delta, 1.0)
+        with pytest.raises(ValueError, match=match):
+            privatize(torch.zeros(3, 2), torch.tensor([0, 1, 1]), 2, 1.0, epsilon, delta, torch.Generator(),
+                      mechanism=mechanism)
 
 
 def test_clip_rows_bounds_norms_and_keeps_short_rows():
@@ -180,7 +184,8 @@ def test_privatize_noise_std_matches_sigma():
     g = torch.Generator().manual_seed(3)
     noise = []
     for _ in range(80):
-        stats, sigma = privatize(x, labels, num_classes, clip_norm=1.0, epsilon=0.5, delta=1e-5, generator=g)
+        stats, sigma = privatize(x, labels, num_classes, clip_norm=1.0, epsilon=0.5, delta=1e-5, generator=g,
+                                 mechanism="classic")
         noise.append(torch.cat([(stats.counts - per_class)[:, None], stats.means * stats.counts[:, None]], 1))
     noise = torch.stack(noise)
     # Sensitivity sqrt(1 + R^2 + R^4) = sqrt(3) at R = 1: 9.6896105 x 1.7320508 = 16.7828977.
@@ -193,14 +198,15 @@ def test_privatize_is_seeded_clipped_and_near_exact_with_little_noise():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(300, 5, generator=g) * 2
     labels = torch.randint(0, 3, (300,), generator=g)
-    a, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9))
-    b, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9))
+    a, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9), mechanism="analytic")
+    b, _ = privatize(x, labels, 3, 1.0, 0.5, 1e-5, torch.Generator().manual_seed(9), mechanism="analytic")
     assert torch.equal(a.means, b.means) and torch.equal(a.vars, b.vars) and torch.equal(a.counts, b.counts)
     # means projected into the unit ball: within 2 gamma(d + 3) of norm 1 (test_clip_rows_bounds_norms...)
     assert torch.all(a.means.norm(dim=1) <= 1.0 + 2 * gamma(5 + 3, F64)) and torch.all(a.vars <= 1.0)
     assert torch.all(a.counts >= 1e-3)
-    # With negligible noise the release is the class summary of the clipped features.
-    quiet, sigma = privatize(x, labels, 3, 1.0, 1e9, 0.5, torch.Generator().manual_seed(9))
+    # With negligible noise the release is the class summary of the clipped features (classic: its sigma falls
+    # as 1 / epsilon, the analytic one only as 1 / sqrt(2 epsilon), tests/test_dp_calibration.py).
+    quiet, sigma = privatize(x, labels, 3, 1.0, 1e9, 0.5, torch.Generator().manual_seed(9), mechanism="classic")
     exact = class_gaussians(clip_rows(x, 1.0), labels, 3)
     assert sigma < 1e-8
     # Each released count, sum and sum of squares moves by its noise, within 6 sigma (2e-9 a value to be

@@ -4,13 +4,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from celora.files import atomic_write
+
+log = logging.getLogger("celora")
 
 MAGIC = b"CELORA-CKPT-1\n"  # format tag; the sha256 of the payload follows, then the payload (torch.save)
 DIGEST = 32
@@ -80,8 +83,8 @@ def load_latest(directory: Path) -> dict | None:
             problems.append(f"{path.name}: {e}")
             continue
         if problems:
-            warnings.warn(f"skipped unreadable checkpoint(s) {'; '.join(problems)}; resuming from {path.name} "
-                          f"(round {rnd})")
+            log.warning("skipped unreadable checkpoint(s) %s; resuming from %s (round %d)", "; ".join(problems),
+                        path.name, rnd)
         return payload
     if problems:
         raise CheckpointError(f"no usable checkpoint in {directory}: {'; '.join(problems)}. "
@@ -122,9 +125,42 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
             if a.get(k, UNSET) != b.get(k, UNSET)]
 
 
+@dataclass(frozen=True)
+class Before:
+    """What a run made before a key existed did, where that is not the key's default: it ran as if the key were
+    `value`, or, while the key `inert_while_null` is null, the key changed nothing at all."""
+
+    value: object
+    inert_while_null: str | None = None
+
+
+# Keys whose default is not the behaviour from before them (docs/extending.md asks otherwise; these are the
+# declared exceptions). A config saved before such a key existed is the same run only under the old value.
+BEFORE = {
+    # The data statistics' noise was the classic Gaussian mechanism's; analytic, the new default, adds less
+    # (and is a proof at every epsilon). Without DP (dp_epsilon null) no noise is drawn and the key is inert.
+    "aggregator.data_stats.dp_mechanism": Before("classic", inert_while_null="aggregator.data_stats.dp_epsilon"),
+}
+
+
 def added_keys(old: dict, new: dict) -> list[str] | None:
     """The keys `new` has and `old` lacks when that is all they differ in (else None; [] when equal). A run made
     before those keys existed is the same run: a key added to the config keeps, at its default, the behaviour
-    from before it (docs/extending.md), so a finished or checkpointed run outlives the code growing a key."""
+    from before it (docs/extending.md), so a finished or checkpointed run outlives the code growing a key.
+
+    A key in BEFORE counts as added only at the value it had before it existed (or while the key that switches
+    it on is null in `new`); any other value is a changed value (None). The switch is there so the rule can be
+    honest without being blunt: applied on the key alone, every CE-LoRA run without DP kept in docs/results/
+    (dp_epsilon null: the mechanism draws nothing) would count as another run and be trained again, while
+    only runs with dp_epsilon set drew noise that the new default changes."""
+    flat = flatten(new)
+
+    def as_before(key: str, was, now) -> bool:
+        if was != UNSET:
+            return False
+        before = BEFORE.get(key)
+        return (before is None or now == before.value
+                or (before.inert_while_null is not None and flat.get(before.inert_while_null) is None))
+
     diff = differences(old, new)
-    return [key for key, _, _ in diff] if all(was == UNSET for _, was, _ in diff) else None
+    return [key for key, _, _ in diff] if all(as_before(*d) for d in diff) else None

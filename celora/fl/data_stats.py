@@ -1,7 +1,7 @@
 """Round 0's data summaries for data-space similarity: per-class diagonal Gaussians (or GMMs), optionally DP."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +10,7 @@ from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches, eval_order
 from celora.fl.engine import Engine, autocast
-from celora.privacy.stats import privatize
+from celora.privacy.stats import MECHANISMS, privatize
 from celora.seeds import STATS_NOISE, STATS_SUBSAMPLE, derive_seed
 from celora.similarity import ClassStats, class_gaussians
 from celora.tasks import Task
@@ -24,7 +24,10 @@ class DataStats:
 
     kind: `gaussian` (count, mean, variance per class) or `gmm` (a diagonal GMM of `components`
     per class, as the authors' client code fits). With `dp_epsilon` set, features are clipped to
-    `clip_norm` and the per-class (count, sum, sum of squares) go through the Gaussian mechanism.
+    `clip_norm` and the per-class (count, sum, sum of squares) go through the Gaussian mechanism, its noise
+    calibrated by `dp_mechanism` (celora.privacy.stats.noise_sigma): `analytic` (Balle & Wang 2018, the least
+    noise that is (epsilon, delta)-DP at any epsilon) or `classic` (Dwork & Roth's bound, a proof for epsilon
+    < 1 only; the runs made before this key existed used it).
     """
 
     kind: str = "gaussian"
@@ -32,6 +35,7 @@ class DataStats:
     max_examples: int | None = 256  # per client, a seeded subsample: one forward pass each
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
+    dp_mechanism: str = "analytic"
     clip_norm: float = 5.0
     batch_size: int = 128
 
@@ -41,6 +45,9 @@ class DataStats:
         if self.kind == "gmm" and self.dp_epsilon is not None:
             raise ValueError("DP data statistics are released for kind=gaussian only; set "
                              "aggregator.data_stats.kind=gaussian or dp_epsilon=null")
+        if self.dp_mechanism not in MECHANISMS:
+            raise ValueError(f"aggregator.data_stats.dp_mechanism must be one of {MECHANISMS}, got "
+                             f"{self.dp_mechanism!r}; set aggregator.data_stats.dp_mechanism=analytic")
         if self.components < 1:
             raise ValueError(f"aggregator.data_stats.components must be >= 1, got {self.components}")
 
@@ -66,7 +73,8 @@ class DataStats:
         """(summary to upload, DP noise std or None)."""
         if self.dp_epsilon is not None:
             gen = torch.Generator().manual_seed(seed)
-            return privatize(feats, labels, num_classes, self.clip_norm, self.dp_epsilon, self.dp_delta, gen)
+            return privatize(feats, labels, num_classes, self.clip_norm, self.dp_epsilon, self.dp_delta, gen,
+                             mechanism=self.dp_mechanism)
         if self.kind == "gaussian":
             return class_gaussians(feats, labels, num_classes), None
         return _class_gmms(feats, labels, num_classes, self.components, seed), None
@@ -82,11 +90,16 @@ class Collected:
 
 
 def collect(spec: DataStats, model: nn.Module, task: Task, data: Encoded, rows: Sequence[np.ndarray], collate: Collate,
-            num_classes: int, seed: int, value_bytes: int, engine: Engine | None = None) -> Collected:
+            num_classes: int, seed: int, value_bytes: int, engine: Engine | None = None,
+            advance: Callable[[int], None] | None = None) -> Collected:
     """Each client summarises its training rows with the model as it stands (the frozen backbone: C = 0 before
-    round 1), seeded per client, on the engine's device and precision; `value_bytes` is the wire size of one value."""
-    summaries = [client_summary(spec, model, task, data, mine, collate, num_classes, seed, i, engine)
-                 for i, mine in enumerate(rows)]
+    round 1), seeded per client, on the engine's device and precision; `value_bytes` is the wire size of one value;
+    `advance(1)` after each client (a progress bar)."""
+    summaries = []
+    for i, mine in enumerate(rows):
+        summaries.append(client_summary(spec, model, task, data, mine, collate, num_classes, seed, i, engine))
+        if advance is not None:
+            advance(1)
     stats = [s for s, _ in summaries]
     return Collected(stats, sum(s.nbytes(value_bytes) for s in stats), summaries[0][1] if summaries else None)
 
