@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Protocol
+
+from celora.errors import ConfigError
+
+log = logging.getLogger("celora")
 
 KEYS = (
     "round", "global/acc", "global/loss", "personal/acc", "personal/acc_unweighted",
@@ -28,7 +32,7 @@ def check_objective(key: str | None) -> None:
     """optimized_metric must name a scalar of the schema, or best/<one>."""
     name = key[len("best/"):] if key and key.startswith("best/") else key
     if key is not None and name not in set(KEYS) - {"round"} | set(OPTIONAL):
-        raise ValueError(f"optimized_metric={key!r} is not a metric of the schema; use one of "
+        raise ConfigError(f"optimized_metric={key!r} is not a metric of the schema; use one of "
                          f"{[k for k in KEYS if k != 'round']}, or best/<one of them>, or null")
 
 
@@ -126,7 +130,7 @@ class WandbSink(Sink):
                 kwargs["dir"] = str(run_dir)
             self.run = wandb.init(config=config, reinit="finish_previous", **kwargs)
         except Exception as e:  # a logging fault must never cost the run
-            warnings.warn(f"W&B disabled for this run: {e}")
+            log.warning("W&B disabled for this run: %s", e)
 
     def log(self, row: dict) -> None:
         if self.run is not None:
@@ -134,7 +138,7 @@ class WandbSink(Sink):
                 scalars = {k: v for k, v in row.items() if k != "round" and isinstance(v, (int, float))}
                 self.run.log(scalars, step=row["round"])
             except Exception as e:
-                warnings.warn(f"W&B log failed (metrics.jsonl still has it): {e}")
+                log.warning("W&B log failed (metrics.jsonl still has it): %s", e)
 
     def _image(self, key: str, figure, step: int) -> None:
         """Logs the figure `figure()` draws; drawing is inside the guard, so a plotting fault only warns."""
@@ -144,7 +148,7 @@ class WandbSink(Sink):
 
                 self.run.log({key: wandb.Image(figure())}, step=step)
             except Exception as e:
-                warnings.warn(f"W&B image log failed (the run dir still has its data): {e}")
+                log.warning("W&B image log failed (the run dir still has its data): %s", e)
 
     def log_matrix(self, name: str, rnd: int, ids: list[int], matrix) -> None:
         from celora.plots import heatmap
@@ -168,7 +172,7 @@ class WandbSink(Sink):
                         self.run.summary[k] = v
                 self.run.finish()
             except Exception as e:
-                warnings.warn(f"W&B finish failed: {e}")
+                log.warning("W&B finish failed: %s", e)
             self.run = None
 
 

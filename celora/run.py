@@ -11,10 +11,11 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from celora.data.partition import label_counts
+from celora.data.partition import label_counts, partition_summary
 from celora.files import atomic_write
 from celora.fl import checkpoint
 from celora.metrics import Metrics, Sink, summarize
+from celora.progress import logs_beside_bars
 from celora.validate import build
 from celora.world import World, build_world
 
@@ -33,9 +34,10 @@ def _run_dir(run_dir) -> Path:
     return path
 
 
-# Keys that change no number of a run: a checkpoint may be resumed under other values of these.
+# Keys that change no number of a run: a checkpoint may be resumed under other values of these. `answers`
+# describes an option (celora.schema.METADATA); leaving it out keeps runs finished before it existed finished.
 NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric",
-                  "flower")
+                  "flower", "model.answers", "dataset.answers", "task.answers")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -70,7 +72,7 @@ def resume_point(directory: Path, mode: str, config: dict) -> dict | None:
         raise ValueError(f"{directory.parent} holds a checkpoint (round {saved['round']}) of a run with another "
                          f"config ({changes}). Run it with its old config to resume it, add resume=force to go "
                          "on under the new one, or resume=never to start over.")
-    warnings.warn(f"resuming after round {saved['round']} under a changed config (resume=force): {changes}")
+    log.warning("resuming after round %d under a changed config (resume=force): %s", saved["round"], changes)
     return saved
 
 
@@ -82,10 +84,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     out = _run_dir(run_dir)
     (out / "failed.json").unlink(missing_ok=True)
     try:
-        return _experiment(cfg, out)
+        with logs_beside_bars():  # log lines above the progress bars; warnings into the run's log
+            return _experiment(cfg, out)
     except BaseException as e:
         (out / "failed.json").write_text(json.dumps(
             {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, indent=1))
+        e.add_note(f"{out / 'failed.json'} keeps the details")  # the command line prints it under the message
         raise
 
 
@@ -114,7 +118,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     summary: dict = {}
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)
-        sim = world.simulation(log=metrics.log, log_matrix=metrics.log_matrix)
+        sim = world.simulation(recorder=metrics)
         before = 0.0  # seconds spent in earlier processes of this run
         if saved is not None:
             sim.load_state_dict(saved["simulation"])
@@ -148,7 +152,7 @@ def write_partition(world: World, out: Path) -> None:
     (out / "partition.json").write_text(json.dumps(
         {"label_names": world.data.label_names, "groups": groups, "clients": counts,
          "scored_on": "test" if world.validation is None else "validation"}, indent=1))
-    log.info("partition (train label counts per client): %s", [c["train_counts"] for c in counts])
+    log.info(partition_summary(counts))
 
 
 def run_summary(rows: list[dict], seconds: float, world: World) -> dict:

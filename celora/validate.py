@@ -1,15 +1,18 @@
-"""Checks a composed config before any work: builds its cheap typed parts (each checks itself) and how they combine."""
+"""Checks a composed config before any work: every key against its declared type (celora.schema), then builds its
+cheap typed parts (each checks itself) and how they combine."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from celora import schema
 from celora.adapters import AdapterConfig
 from celora.data.partition import Partition
+from celora.errors import ConfigError
 from celora.fl.aggregators import Aggregator
 from celora.fl.cohorts import check_cohort_size
 from celora.fl.config import ClientConfig, FLConfig
@@ -18,13 +21,21 @@ from celora.fl.wire import wire_dtype
 from celora.metrics import check_objective
 from celora.models.backbone import check_dropout, torch_dtype
 from celora.privacy.dp import Privacy
+from celora.schema import Range, make
 from celora.tasks import Task
 
-RESUME_MODES = ("auto", "never", "force")
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, one per line, each naming its key and the fix."""
+Resume = Literal["auto", "never", "force"]
+RESUME_MODES = get_args(Resume)
+# The top-level keys and the plain node that no `_target_` declares (celora.schema reads the groups' own);
+# None: a node checked where it is used (flower.*: celora.flower.settings).
+PLAIN = {
+    "seed": Annotated[int, Range(ge=0)],
+    "resume": Annotated[Resume, "auto continues from the run dir's checkpoint, never starts over, force continues "
+                                "even if the config changed"],
+    "optimized_metric": str | None,
+    "fl": FLConfig,
+    "flower": None,
+}
 
 
 @dataclass
@@ -62,9 +73,12 @@ def build(cfg: DictConfig) -> Parts:
     missing = sorted(OmegaConf.missing_keys(cfg))
     problems += [f"{key} has no value (??? in its config file): set it, e.g. `{key}=...` on the command line"
                  for key in missing]
+    declared = schema.problems(cfg, PLAIN)  # types, ranges, unknown keys; model, dataset and task answers
+    problems += [p.message for p in declared]
+    unfit = {p.key.split(".")[0] for p in declared if p.key} | {key.split(".")[0] for key in missing}
 
     def part(group: str, make: Callable):
-        if any(key == group or key.startswith(group + ".") for key in missing):
+        if group in unfit:  # its own problem is said above; building it would only repeat it less clearly
             return None
         try:
             return make()
@@ -73,21 +87,15 @@ def build(cfg: DictConfig) -> Parts:
             problems.append(reason if group in reason else f"{group}: {reason}")
             return None
 
-    resume = cfg.get("resume", "auto")
-    if resume not in RESUME_MODES:
-        problems.append(f"resume={resume!r} must be one of {RESUME_MODES}: auto continues from the run dir's "
-                        "checkpoint, never starts over, force continues even if the config changed")
-    if not (isinstance(cfg.seed, int) and cfg.seed >= 0):
-        problems.append(f"seed={cfg.seed!r} must be a non-negative integer")
     fl = part("fl", lambda: fl_config(cfg))
-    client = part("client", lambda: instantiate(cfg.client))
-    adapter = part("adapter", lambda: instantiate(cfg.adapter))
-    partition = part("partition", lambda: instantiate(cfg.partition))
-    aggregator = part("aggregator", lambda: instantiate(cfg.aggregator))
+    client = part("client", lambda: make(cfg.client))
+    adapter = part("adapter", lambda: make(cfg.adapter))
+    partition = part("partition", lambda: make(cfg.partition))
+    aggregator = part("aggregator", lambda: make(cfg.aggregator))
     rate = fl.clients_per_round / fl.num_clients if fl else 1.0
-    privacy = part("privacy", lambda: instantiate(cfg.privacy)(sample_rate=rate))
-    simulation = part("simulation", lambda: instantiate(cfg.simulation))
-    task = part("task", lambda: instantiate(cfg.task))
+    privacy = part("privacy", lambda: make(cfg.privacy)(sample_rate=rate))
+    simulation = part("simulation", lambda: make(cfg.simulation))
+    task = part("task", lambda: make(cfg.task))
     part("simulation", lambda: check_cohort_size(cfg.simulation.get("cohort_size")))
     part("simulation", lambda: check_engine(cfg.simulation.get("accelerator", "cpu"),
                                             cfg.simulation.get("precision", "32-true")))
@@ -97,14 +105,8 @@ def build(cfg: DictConfig) -> Parts:
     part("model", lambda: torch_dtype(model.get("dtype", "fp32")))
     part("model", lambda: check_dropout(model.get("dropout")))
 
-    data = cfg.get("dataset", {})
-    fraction = data.get("test_fraction")
-    if isinstance(fraction, (int, float)) and not 0 < fraction < 1:
-        problems.append(f"dataset.test_fraction={fraction} must be in (0, 1): the share held out for the global test")
-    limit = data.get("limit")
-    if limit is not None and not (isinstance(limit, int) and limit >= 1):
-        problems.append(f"dataset.limit={limit!r} must be a positive integer, or null for the whole dataset")
-    elif fl and isinstance(limit, int) and 2 * fl.num_clients > limit:
+    limit = cfg.get("dataset", {}).get("limit")
+    if fl and "dataset" not in unfit and isinstance(limit, int) and 2 * fl.num_clients > limit:
         problems.append(f"fl.num_clients={fl.num_clients} needs at least {2 * fl.num_clients} examples (2 per client, "
                         f"for its local train and test) but dataset.limit={limit}; use fl.num_clients <= "
                         f"{max(1, limit // 2)} or a larger dataset.limit")

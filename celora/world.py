@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from celora import schema
 from celora.adapters import adapter_layers, inject
 from celora.data import load
 from celora.data.partition import ClientSplit, hold_out_validation
+from celora.errors import InputError
+from celora.fl.setup import Method, RunData
 from celora.fl.wire import Exchange
 from celora.seeds import FROZEN_FACTORS, derive_seed
 from celora.validate import Parts, build
@@ -37,17 +39,24 @@ class World:
     validation: np.ndarray | None = None  # a tuning run's pooled validation rows of data.train (client.val_fraction)
 
     def simulation(self, cls=None, **kwargs):
-        """The run's Simulation (or `cls`, a subclass of it, with the same bound config) over this world."""
-        bound = self.parts.simulation
-        make = bound if cls is None else (lambda **kw: cls(*bound.args, **{**bound.keywords, **kw}))
+        """The run's Simulation (or `cls`, a subclass of it, with the same bound config) over this world; kwargs
+        go to it (e.g. `recorder`, `progress`)."""
+        bound = self.parts.simulation  # conf/simulation: the class with its keys bound (Hydra `_partial_`)
+        make = bound if cls is None else (lambda *a, **kw: cls(*a, *bound.args, **{**bound.keywords, **kw}))
+        return make(self.method(), self.run_data(), self.parts.fl, self.parts.client, self.cfg.seed, **kwargs)
+
+    def method(self) -> Method:
+        """What the run trains and exchanges: the adapted model, the wire, the server, privacy and the task."""
+        p = self.parts
+        return Method(self.model, self.exchange, p.aggregator, p.task, p.privacy,
+                      lora_sb_init=p.adapter.init == "lora_sb")
+
+    def run_data(self) -> RunData:
+        """The rows the run reads; a tuning run is scored on validation rows only (the global model on all
+        clients' pooled ones)."""
         train = self.data.encoded("train")
-        # a tuning run is scored on validation rows only: the global model on all clients' pooled ones
-        held_out = {"test": self.data.encoded("test")} if self.validation is None else {
-            "test": train, "test_rows": self.validation}
-        return make(model=self.model, exchange=self.exchange, aggregator=self.parts.aggregator,
-                    train=train, **held_out, splits=self.splits, lora_sb_init=self.parts.adapter.init == "lora_sb",
-                    fl=self.parts.fl, client=self.parts.client, seed=self.cfg.seed, collate=self.backbone.collate(),
-                    num_classes=self.data.num_classes, privacy=self.parts.privacy, task=self.parts.task, **kwargs)
+        test, rows = (self.data.encoded("test"), None) if self.validation is None else (train, self.validation)
+        return RunData(train, test, self.splits, self.backbone.collate(), self.data.num_classes, rows)
 
     def param_counts(self) -> dict:
         params = dict(self.model.named_parameters())
@@ -63,8 +72,8 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     parts = parts or build(cfg)
     torch.manual_seed(cfg.seed)
     fl, adapter, aggregator = parts.fl, parts.adapter, parts.aggregator
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
+    backbone = schema.make(cfg.model)
+    data = load(schema.make(cfg.dataset), backbone.data_args(), cfg.seed)  # tokenised, or resized to the model's input
     splits = parts.partition.split(data.train, fl.num_clients, cfg.seed)
     validation = None
     if parts.client.val_fraction > 0:
@@ -75,7 +84,7 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:
-        raise ValueError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
+        raise InputError(f"no default adapter targets for model_type={backbone.model_type!r}; set adapter.targets")
     # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
     inject(model, adapter, targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
@@ -83,11 +92,9 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
 
 
 def check_answers(backbone, data, task, cfg) -> None:
-    """Model, data and task must agree on what an answer is: a class (label logits) or tokens (a causal LM)."""
-    kinds = {"model": backbone.answers, "dataset": data.answers, "task": task.answers}
-    if len(set(kinds.values())) > 1:
-        said = ", ".join(f"{k}={OmegaConf.select(cfg, k + '._target_')} answers in {v}" for k, v in kinds.items())
-        raise ValueError(f"{said}: they must agree. A classifier backbone takes task=classify and a labelled "
-                         "dataset; a causal LM (smollm2, hf_causal_lm, tiny_llama) takes task=instruct and "
-                         "instruction data: dataset=rt_instruct, party_instruct, instruct_mix or hf_instruct "
-                         "(docs/llm.md)")
+    """Model, data and task must agree on what an answer is: a class (label logits) or tokens (a causal LM).
+    An option's YAML declares it (`answers`), so celora.schema refuses a mismatch before anything loads; this
+    catches options that do not declare it (a user's own YAML), from what the loaded objects say."""
+    problem = schema.disagreement({"model": backbone.answers, "dataset": data.answers, "task": task.answers}, cfg)
+    if problem:
+        raise InputError(problem)

@@ -20,6 +20,7 @@ from celora.fl.engine import Engine
 from celora.fl.wire import Exchange
 from celora.plots import grouped_bars
 from celora.privacy.attack import local_update
+from celora.schema import make
 
 log = logging.getLogger("celora.attack")
 
@@ -81,8 +82,8 @@ def compare(cfg: DictConfig, out: Path) -> list[dict]:
     a person looks at (texts.md, or reconstructions_b<B>.png for images)."""
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
+    backbone = make(cfg.model)
+    data = load(make(cfg.dataset), backbone.data_args(), cfg.seed)
     case = instantiate(cfg.attack)  # the attack and what belongs to its modality (celora.privacy.cases)
     base = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     engine = Engine(cfg.get("accelerator", "cpu"))  # the attack runs where the simulation would: one device
@@ -158,4 +159,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from celora import cli
+
+    cli.main(main, config_name="privacy_attack", program="python scripts/attack.py")  # a user's mistake in one line

@@ -41,6 +41,8 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     from celora.data import load
     from celora.fl.client import set_trainable
     from celora.fl.config import FLConfig
+    from celora.fl.setup import Method, RunData
+    from celora.schema import make
     from celora.seeds import FROZEN_FACTORS, derive_seed
     from celora.fl.wire import Exchange
 
@@ -60,8 +62,8 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     torch.manual_seed(cfg.seed)
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
+    backbone = make(cfg.model)
+    data = load(make(cfg.dataset), backbone.data_args(), cfg.seed)
     splits = instantiate(cfg.partition).split(data.train, clients, cfg.seed)
     net = backbone.classifier(data.num_classes, seed=cfg.seed)
     adapter = instantiate(cfg.adapter)
@@ -69,10 +71,9 @@ def measure(model: str, mode: str, cohort: str, clients: int, steps: int, batch:
     aggregator = instantiate(cfg.aggregator)
     client = instantiate(cfg.client)
     fl = FLConfig(num_clients=clients, rounds=rounds + 1, sample_fraction=cfg.fl.sample_fraction)
-    sim = instantiate(cfg.simulation)(
-        model=net, exchange=Exchange.of(net, adapter, aggregator.communicates), aggregator=aggregator,
-        train=data.encoded("train"), test=data.encoded("test"), splits=splits, fl=fl, client=client,
-        seed=cfg.seed, collate=backbone.collate(), task=instantiate(cfg.task))
+    method = Method(net, Exchange.of(net, adapter, aggregator.communicates), aggregator, make(cfg.task))
+    rows = RunData(data.encoded("train"), data.encoded("test"), splits, backbone.collate(), data.num_classes)
+    sim = instantiate(cfg.simulation)(method, rows, fl, client, cfg.seed)
     set_trainable(net, sim.exchange.trainable)
     cuda = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     sim.train_round(0)  # warm-up

@@ -30,6 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from celora.data import load
 from celora.data.batches import eval_batches
 from celora.fl.evaluation import personal_summary
+from celora.schema import make
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -57,8 +58,8 @@ def probe(overrides: list[str], c: float = 1.0, out: str | None = None) -> dict:
         cfg = compose("config", overrides=overrides)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), cfg.seed)
+    backbone = make(cfg.model)
+    data = load(make(cfg.dataset), backbone.data_args(), cfg.seed)
     splits = instantiate(cfg.partition).split(data.train, cfg.fl.num_clients, cfg.seed)
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     train, test, collate = data.encoded("train"), data.encoded("test"), backbone.collate()

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from celora.models.backbone import set_config_dropout
 from celora.run import run
+from celora.schema import make
 from celora.validate import ConfigError, build
 from conftest import CONF_DIR, TINY
 
@@ -34,10 +34,10 @@ def _config_dropouts(config, prefix="") -> dict[str, float]:
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_dropout_sets_every_probability(compose_cfg, name):
-    off = instantiate(compose_cfg(f"model={name}", "model.dropout=0").model)
+    off = make(compose_cfg(f"model={name}", "model.dropout=0").model)
     assert set(_config_dropouts(_modules(off).config).values()) <= {0.0}
     assert set(_dropouts(_modules(off))) <= {0.0}
-    some = instantiate(compose_cfg(f"model={name}", "model.dropout=0.3").model)
+    some = make(compose_cfg(f"model={name}", "model.dropout=0.3").model)
     values = _config_dropouts(_modules(some).config)
     assert values and set(values.values()) == {0.3}, values
     assert set(_dropouts(_modules(some))) <= {0.3}
@@ -48,7 +48,7 @@ def test_dropout_sets_every_probability(compose_cfg, name):
     ("tiny_vit", ["+model.hidden_dropout_prob=0.2"], {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.0}),
 ])
 def test_null_keeps_the_models_own_dropout(compose_cfg, name, overrides, expected):
-    own = instantiate(compose_cfg(f"model={name}", *overrides).model)
+    own = make(compose_cfg(f"model={name}", *overrides).model)
     values = _config_dropouts(_modules(own).config)
     assert {k: values[k] for k in expected} == expected
 
@@ -66,7 +66,7 @@ def test_dropout_reaches_sub_configs():
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_fp64_holds_the_backbone_the_head_and_the_inputs_in_fp64(compose_cfg, name):
-    backbone = instantiate(compose_cfg(f"model={name}", "model.dtype=fp64").model)
+    backbone = make(compose_cfg(f"model={name}", "model.dtype=fp64").model)
     names = ["a", "b"] if name == "tiny_clip" else None
     model = backbone.classifier(2, seed=0, label_names=names)
     assert {p.dtype for p in model.parameters()} == {torch.float64}

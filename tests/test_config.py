@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from celora.adapters import AdapterConfig
+from celora.schema import make
 from celora.validate import fl_config
 from conftest import CONF_DIR
 
@@ -70,7 +71,7 @@ def test_simulations_instantiate(name):
 
 def _saved(model_name: str, folder: Path) -> Path:
     """A tiny random model of the family saved as a local folder, the way a user points model.path at one."""
-    spec = instantiate(_compose(f"model={model_name}").model)
+    spec = make(_compose(f"model={model_name}").model)
     net = next(getattr(spec, a) for a in ("model", "lm", "backbone") if hasattr(spec, a))  # CLIP, causal LM, encoder
     net.save_pretrained(folder)
     if hasattr(spec, "tokenizer"):
@@ -87,7 +88,7 @@ def test_models_instantiate(name, tmp_path):
                "hf_causal_lm": lambda: _saved("tiny_llama", tmp_path / "llm")}
     extra = [f"model.path={folders[name]()}"] if name in folders else []
     extra += ["model.image_size=32"] if name == "efficientnet_lite0" else []
-    spec = instantiate(_compose(f"model={name}", *extra).model)
+    spec = make(_compose(f"model={name}", *extra).model)
     assert spec.default_targets and callable(spec.collate())
     model = spec.classifier(3, seed=0, label_names=["a", "b", "c"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -131,7 +132,7 @@ def test_datasets_instantiate(name, tmp_path):
         extra += ["dataset.path=imagefolder", f"dataset.data_dir={tmp_path / 'pics'}", "dataset.split_test=null"]
     else:
         extra += ["dataset.limit=200"]
-    loader = instantiate(_compose(f"dataset={name}", *extra).dataset)
+    loader = make(_compose(f"dataset={name}", *extra).dataset)
     if instruct:
         from celora.models.llm import tiny_llama
 
@@ -210,3 +211,78 @@ def test_ablation_presets_instantiate(name):
     agg = instantiate(_compose("experiment=ablate_weights", f"+ablation={name}").aggregator)
     assert isinstance(agg, CeLoRA)
     assert (agg.data_stats is None) == (agg.lam == 0)
+
+
+def test_every_model_dataset_and_task_option_declares_what_it_answers():
+    from celora.schema import ANSWER_GROUPS, Answers, options
+
+    for group in ANSWER_GROUPS:
+        for name, body in options(group).items():
+            assert body.get("answers") in Answers.__args__, f"conf/{group}/{name}.yaml: answers: classes | tokens"
+
+
+def test_every_option_fits_its_declared_types():
+    from itertools import zip_longest
+
+    from celora import help, schema
+    from celora.validate import PLAIN
+
+    main, optional = help.groups()  # config.yaml's groups, and those added with +group= (not a script's)
+    presets = ("method", "experiment")  # set keys of other groups: one at a time
+    one_each = [[f"{g}={name}" for name in schema.options(g) if not name.startswith("common/")]  # (a shared part)
+                for g in main if g not in presets]
+    runs = [[o for o in combo if o] for combo in zip_longest(*one_each)]  # an option of every group at once
+    runs += [[f"{g}={name}"] for g in presets for name in schema.options(g)]
+    runs += [[*(["experiment=ablate_weights"] if g == "ablation" else []), f"+{g}={name}"]
+             for g in optional for name in schema.options(g)]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for overrides in runs:
+            cfg = compose("config", overrides=overrides)
+            assert not [p.message for p in schema.problems(cfg, PLAIN) if p.key], overrides
+
+
+@pytest.mark.parametrize("overrides,task", [
+    (["+debug=tiny"], "Classify"),  # a classifier: classify
+    (["+debug=tiny", "model=tiny_llama", "dataset=rt_instruct"], "Instruct"),  # a causal LM: instruct
+    (["+debug=tiny", "model=tiny_llama", "dataset=rt_instruct", "task=instruct"], "Instruct"),
+    (["experiment=llm_default"], "Instruct"),
+])
+def test_the_task_follows_the_model(compose_cfg, overrides, task):
+    from celora.validate import build
+
+    cfg = compose_cfg(*overrides)
+    assert cfg.task._target_.endswith(task)
+    if overrides[0] == "+debug=tiny":
+        assert type(build(cfg).task).__name__ == task
+
+
+def test_a_task_set_against_the_model_is_refused_before_anything_loads(compose_cfg, tmp_path, monkeypatch):
+    import celora.run
+    from celora.run import run
+    from celora.validate import ConfigError
+
+    monkeypatch.setattr(celora.run, "build_world", lambda *a, **k: pytest.fail("data or model loaded"))
+    cfg = compose_cfg("+debug=tiny", "model=tiny_llama", "dataset=rt_instruct", "task=classify")
+    assert cfg.task._target_.endswith("Classify")  # the command line still wins
+    with pytest.raises(ConfigError, match=r"model=tiny_llama answers in tokens, dataset=rt_instruct answers in "
+                                          r"tokens, task=classify answers in classes: they must agree .* use "
+                                          r"task=instruct \(or leave task= out"):
+        run(cfg, run_dir=tmp_path)
+
+
+def test_runs_kept_in_docs_results_still_count_as_finished():
+    """Keys added to conf/ since (e.g. answers) change no kept run: one of each results folder is still finished
+    under today's config, so re-running its sweep trains nothing (run.finished_before)."""
+    import yaml
+
+    from celora.run import finished_before, result_config
+
+    results = CONF_DIR.parent / "docs" / "results"
+    kept = {}
+    for summary in sorted(results.rglob("summary.json")):
+        kept.setdefault(summary.relative_to(results).parts[0], summary.parent)
+    assert kept
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for run_dir in kept.values():
+            overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+            assert finished_before(run_dir, result_config(compose("config", overrides=overrides))), run_dir

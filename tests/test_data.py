@@ -6,12 +6,12 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from celora.data import text
 from celora.data.text import default_cache_dir, hf, rotten_tomatoes
+from celora.schema import make
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
@@ -180,5 +180,5 @@ def test_dataset_configs_instantiate(tokenizer, hf_cache):
     assert sorted(p.stem for p in texts) == sorted(overrides)  # image datasets: tests/test_vision.py, test_config.py
     for path in texts:
         cfg = OmegaConf.merge(OmegaConf.load(path), overrides[path.stem], {"cache_dir": str(hf_cache / "c")})
-        data = instantiate(cfg)(tokenizer=tokenizer, max_length=16, seed=0)
+        data = make(cfg)(tokenizer=tokenizer, max_length=16, seed=0)
         assert len(data.train) + len(data.test) in (50, 100)

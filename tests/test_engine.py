@@ -126,10 +126,11 @@ def test_bf16_mixed_forward_is_within_the_bf16_bound_and_flips_only_near_ties(co
     from celora.adapters import inject
     from celora.data import load
     from celora.data.batches import eval_batches
+    from celora.schema import make
 
     cfg = compose_cfg(*TINY, "adapter=tri", "model.dropout=0")
-    backbone = instantiate(cfg.model)
-    data = load(instantiate(cfg.dataset), backbone.data_args(), 0)
+    backbone = make(cfg.model)
+    data = load(make(cfg.dataset), backbone.data_args(), 0)
     model = backbone.classifier(data.num_classes, seed=0)
     inject(model, instantiate(cfg.adapter), backbone.default_targets, seed=1)
     with torch.no_grad():  # C = 0 at init would leave the adapter path out of the comparison
@@ -204,9 +205,10 @@ def test_bf16_mixed_run_tracks_fp32_within_the_bound(compose_cfg, tmp_path, monk
     from hydra.utils import instantiate
 
     from celora.adapters import inject
+    from celora.schema import make
 
     cfg = compose_cfg(*common)
-    backbone = instantiate(cfg.model)
+    backbone = make(cfg.model)
     model = backbone.classifier(10, seed=0)
     inject(model, instantiate(cfg.adapter), backbone.default_targets, seed=1)
     rel = _bf16_bound(model)

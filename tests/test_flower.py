@@ -223,7 +223,7 @@ def test_the_server_waits_for_every_client(compose_cfg, tmp_path):
 
 def test_pending_private_tensors_are_kept_only_when_accepted(compose_cfg):
     who = Participant(compose_cfg(*TINY, "method=fedsa_lora"))
-    start = who.sim.trainers[0].private
+    start = who.sim.states.own(0)
     trained = {n: t + 1 for n, t in start.items()}
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
 

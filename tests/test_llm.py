@@ -353,8 +353,10 @@ def test_smollm2_zero_shot_on_200_review_questions():
 def test_a_causal_lm_on_a_classification_run_is_refused_with_the_reason(compose_cfg, tmp_path):
     from celora.run import run
 
-    with pytest.raises(ValueError, match=r"model=celora.models.llm.tiny_llama answers in tokens.*task=celora"
-                                         r".tasks.classify.Classify answers in classes: they must agree"):
+    # the task follows the model (instruct), the dataset does not: the options that would agree are named
+    with pytest.raises(ValueError, match=r"model=tiny_llama answers in tokens, dataset=rotten_tomatoes answers in "
+                                         r"classes, task=instruct answers in tokens: they must agree .* use "
+                                         r"dataset=hf_instruct, instruct_mix, party_instruct or rt_instruct"):
         run(compose_cfg("+debug=tiny", "model=tiny_llama"), run_dir=tmp_path / "a")
-    with pytest.raises(ValueError, match=r"task=celora.tasks.instruct.Instruct answers in tokens"):
+    with pytest.raises(ValueError, match=r"task=instruct answers in tokens: .* use task=classify"):
         run(compose_cfg("+debug=tiny", "task=instruct"), run_dir=tmp_path / "b")

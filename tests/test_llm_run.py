@@ -185,8 +185,14 @@ def test_options_and_prompt_cut_on_the_embedded_sources(tmp_path):
 
 
 def test_instruction_data_under_a_classifier_is_refused_with_the_reason(compose_cfg, tmp_path):
-    with pytest.raises(ValueError, match=r"no EOS token.*instruction data is for causal LMs"):
+    # declared in the options' YAML (answers): refused before anything loads
+    with pytest.raises(ValueError, match=r"model=tiny_bert answers in classes, dataset=rt_instruct answers in tokens"):
         run(compose_cfg("+debug=tiny", "dataset=rt_instruct", f"dataset.cache_dir={tmp_path}"), run_dir=tmp_path / "a")
-    with pytest.raises(ValueError, match=r"dataset=celora.data.instruct.rt_instruct answers in tokens.*must agree"):
-        run(compose_cfg(*LLM, "task=classify", "dataset=rt_instruct", "partition=iid", f"dataset.cache_dir={tmp_path}"),
-            run_dir=tmp_path / "b")
+    # an option that does not declare it (a user's own YAML): refused once loading says so, named the same way
+    with pytest.raises(ValueError, match=r"no EOS token.*instruction data is for causal LMs"):
+        run(compose_cfg("+debug=tiny", "dataset=rt_instruct", "~dataset.answers", f"dataset.cache_dir={tmp_path}"),
+            run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"dataset=rt_instruct answers in tokens, task=classify answers in classes: "
+                                         r"they must agree"):
+        run(compose_cfg(*LLM, "task=classify", "~task.answers", "dataset=rt_instruct", "partition=iid",
+                        f"dataset.cache_dir={tmp_path}"), run_dir=tmp_path / "b")

@@ -133,9 +133,10 @@ def test_stacked_cohort_matches_each_model_and_restores_it(compose_cfg):
     from hydra.utils import instantiate
 
     from celora.adapters import inject
+    from celora.schema import make
 
     cfg = compose_cfg(*EQUAL, "adapter=tri")  # fp64: a whole model's output, compared at DEEP roundings
-    backbone = instantiate(cfg.model)
+    backbone = make(cfg.model)
     model = backbone.classifier(2, seed=0)
     inject(model, instantiate(cfg.adapter), backbone.default_targets, seed=1)
     names = [n for n, _ in model.named_parameters() if "lora_C" in n or n.startswith("head.")]

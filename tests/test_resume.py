@@ -1,7 +1,9 @@
 """Resume: a run SIGKILLed mid-way and resumed equals an uninterrupted one; corrupt, changed, finished checkpoints."""
 import json
+import logging
 import multiprocessing
 import os
+import re
 import signal
 
 import pytest
@@ -98,13 +100,14 @@ def _copy(src, dst):
     return dst
 
 
-def test_corrupted_latest_checkpoint_falls_back_and_still_gives_the_same_run(compose_cfg, tmp_path, finished):
+def test_corrupted_latest_checkpoint_falls_back_and_still_gives_the_same_run(compose_cfg, tmp_path, finished, caplog):
     run_dir = _copy(finished, tmp_path / "run")
     (run_dir / "summary.json").unlink()  # stopped before its summary: it resumes from its checkpoints
     latest = checkpoint.path_of(run_dir / "checkpoints", 3)
     latest.write_bytes(latest.read_bytes()[:-100])  # a write cut short
-    with pytest.warns(UserWarning, match=r"round_00003.pt: checksum mismatch.*resuming from round_00002.pt"):
+    with caplog.at_level(logging.WARNING, logger="celora"):
         run(compose_cfg(*TINY, "fl.rounds=3"), run_dir=run_dir)
+    assert re.search(r"round_00003.pt: checksum mismatch.*resuming from round_00002.pt", caplog.text)
     assert _rows(run_dir) == _rows(finished)
     assert checkpoint.rounds(run_dir / "checkpoints") == [3, 2]
 
@@ -177,10 +180,11 @@ def test_a_changed_config_is_refused_naming_the_keys(compose_cfg, tmp_path, fini
     assert _rows(run_dir) == _rows(finished)  # untouched
 
 
-def test_force_goes_on_under_the_new_config(compose_cfg, tmp_path, finished):
+def test_force_goes_on_under_the_new_config(compose_cfg, tmp_path, finished, caplog):
     run_dir = _copy(finished, tmp_path / "run")
-    with pytest.warns(UserWarning, match=r"resume=force.*fl.rounds: 3 -> 4"):
+    with caplog.at_level(logging.WARNING, logger="celora"):
         run(compose_cfg(*TINY, "fl.rounds=4", "resume=force"), run_dir=run_dir)
+    assert re.search(r"resume=force.*fl.rounds: 3 -> 4", caplog.text)
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and rows[:4] == _rows(finished)
 

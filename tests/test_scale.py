@@ -154,8 +154,8 @@ def _footprint(obj, seen: set) -> int:
 def _own_bytes(sim: Simulation) -> float:
     """The mean bytes of a client's own state: its train and test row indices and its private tensors."""
     seen: set = set()
-    total = sum(_footprint(c.train, seen) + _footprint(c.test, seen) + sum(_footprint(t, seen) for t in c.private.values())
-                for c in sim.clients)
+    total = sum(_footprint(c.train, seen) + _footprint(c.test, seen) for c in sim.clients)
+    total += sum(_footprint(t, seen) for private in sim.states.private for t in private.values())
     return total / len(sim.clients)
 
 

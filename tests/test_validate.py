@@ -21,7 +21,7 @@ CASES = [
     (["client.grad_clip=0"], r"client.grad_clip must be > 0, or null to turn clipping off"),
     (["partition=dirichlet", "partition.alpha=0"], r"partition.alpha=0 must be > 0"),
     (["partition.local_test_fraction=1"], r"partition: local_test_fraction=1 must be in \[0, 1\)"),
-    (["dataset.test_fraction=0"], r"dataset.test_fraction=0 must be in \(0, 1\)"),
+    (["dataset.test_fraction=0"], r"dataset.test_fraction=0 must be a number in \(0, 1\)"),
     (["dataset.limit=40", "fl.num_clients=50"],
      r"fl.num_clients=50 needs at least 100 examples .* dataset.limit=40; use fl.num_clients <= 20"),
     (["partition=grouped", "fl.num_clients=3"], r"num_clients=3 is not divisible by groups=2; use a multiple of 2"),
@@ -29,8 +29,8 @@ CASES = [
     (["simulation=parallel", "simulation.cohort_size=0"],
      r"simulation.cohort_size must be a positive integer or 'all'"),
     (["dataset=hf"], r"dataset.path has no value .* set it"),
-    (["resume=maybe"], r"resume='maybe' must be one of \('auto', 'never', 'force'\)"),
-    (["seed=-1"], r"seed=-1 must be a non-negative integer"),
+    (["resume=maybe"], r"resume='maybe' must be one of auto, never, force: auto continues from the run dir's"),
+    (["seed=-1"], r"seed=-1 must be an integer >= 0"),
     (["optimized_metric=personal/accuracy"], r"optimized_metric='personal/accuracy' is not a metric of the schema"),
     (["optimized_metric=best/nope"], r"optimized_metric='best/nope' is not a metric of the schema"),
     # combinations that cannot work in this code
@@ -46,6 +46,46 @@ CASES = [
 def test_each_problem_is_named_with_its_fix(compose_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         build(compose_cfg(*TINY, *overrides))
+
+
+# A value of the wrong type, out of its declared range, a key no callable takes, a name outside a closed set:
+# refused by the declared types (celora.schema) before any data or model loads, naming the full key, the value
+# and what is allowed or meant. (Overrides Hydra cannot compose at all, e.g. fl.roundz=3: tests/test_cli.py.)
+TYPED = [
+    (["fl.rounds=ten"], "fl.rounds='ten' must be an integer, e.g. fl.rounds=15"),
+    (["client.batch_size=1.5"], "client.batch_size=1.5 must be an integer, e.g. client.batch_size=16"),
+    (["client.lr=fast"], "client.lr='fast' must be a number, or null"),
+    (["model.max_length=abc"], "model.max_length='abc' must be an integer >= 1, e.g. model.max_length=64"),
+    (["simulation.progress=maybe"], "simulation.progress='maybe' must be true or false"),
+    (["fl.sample_fraction=2"], "fl.sample_fraction must be in (0, 1], got 2"),
+    (["dataset.limit=0"], "dataset.limit=0 must be an integer >= 1, or null"),
+    (["dataset.test_fraction=1.5"], "dataset.test_fraction=1.5 must be a number in (0, 1), e.g. dataset.test_fraction=0.1"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be a number in [0, 1), or null"),
+    (["model.dtype=fp8"], "model.dtype='fp8' must be one of fp32, fp64, bf16"),
+    (["model=tiny_llama", "dataset=rt_instruct", "task.accuracy=guess"],
+     "task.accuracy='guess' must be one of likelihood, generate"),
+    (["+client.batchsize=8"], "client.batchsize=8 is not a key of client; did you mean client.batch_size?"),
+    (["+fl.roundz=3"], "fl.roundz=3 is not a key of fl; did you mean fl.rounds?"),
+    (["+seeed=1"], "seeed=1 is not a key of the config; did you mean seed?"),
+    (["aggregator=celora", "+aggregator.data_stats.kindd=gmm"],
+     "aggregator.data_stats.kindd='gmm' is not a key of aggregator.data_stats; did you mean aggregator.data_stats.kind?"),
+    (["+dataset.limt=5"], "dataset.limt=5 is not a key of dataset=rotten_tomatoes; did you mean dataset.limit?"),
+    (["dataset.answers=words"], "dataset.answers='words' must be one of classes, tokens"),
+    # a value that interpolates a bad one is not a second problem
+    (["fl.rounds=ten", "fl.eval_every=${fl.rounds}"], "fl.rounds='ten' must be an integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", TYPED, ids=[" ".join(o) for o, _ in TYPED])
+def test_a_wrong_type_range_or_key_is_named_before_anything_loads(compose_cfg, tmp_path, monkeypatch, overrides,
+                                                                     message):
+    import celora.run
+
+    monkeypatch.setattr(celora.run, "build_world", lambda *a, **k: pytest.fail("data or model loaded"))
+    with pytest.raises(ConfigError) as err:
+        run(compose_cfg(*TINY, *overrides), run_dir=tmp_path)
+    said = str(err.value)
+    assert said.startswith("invalid config (1 problem):\n  - ") and message in said, said
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

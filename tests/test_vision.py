@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
@@ -38,6 +37,7 @@ from celora.fl.evaluation import evaluate
 from celora.fl.wire import Exchange, Payload
 from celora.models import vision
 from celora.run import run
+from celora.schema import make
 from conftest import CONF_DIR
 from tolerance import assert_deep_close, deep_equal
 
@@ -58,7 +58,7 @@ def _model_cfg(name: str, *overrides: str):
 @functools.lru_cache(maxsize=None)
 def _backbone(name: str):
     extra = ("model.image_size=32",) if name == "efficientnet_lite0" else ()
-    return instantiate(_model_cfg(name, *extra))
+    return make(_model_cfg(name, *extra))
 
 
 def fresh(name: str):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from celora.errors import ConfigError
+
 FACTORS = ("A", "B", "C")
 HEAD_POLICIES = ("shared", "local")
 INITS = ("random", "svd", "lora_sb")
@@ -34,38 +36,38 @@ class AdapterConfig:
         if self.targets is not None:
             self.targets = list(self.targets)
         if self.zero not in FACTORS:
-            raise ValueError(f"adapter.zero={self.zero!r} is not a factor; use B (LoRA: B A) or C (tri: B C A)")
+            raise ConfigError(f"adapter.zero={self.zero!r} is not a factor; use B (LoRA: B A) or C (tri: B C A)")
         factors = set(FACTORS if self.tri else FACTORS[:2])
         if self.r < 1:
-            raise ValueError(f"adapter.r must be >= 1, got {self.r}")
+            raise ConfigError(f"adapter.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"adapter.alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"adapter.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
-            raise ValueError(f"adapter.init must be one of {INITS}, got {self.init!r}")
+            raise ConfigError(f"adapter.init must be one of {INITS}, got {self.init!r}")
         if self.init == "lora_sb" and not (self.tri and self.trainable == ["C"]):
-            raise ValueError("adapter.init=lora_sb (Fed-SB) derives the frozen A and B of a tri adapter from round 0's "
+            raise ConfigError("adapter.init=lora_sb (Fed-SB) derives the frozen A and B of a tri adapter from round 0's "
                              f"gradients, but this adapter is {'a tri one training ' + str(self.trainable) if self.tri else 'not tri'}; "
                              "use adapter=tri (trainable: [C]) or method=fed_sb")
         if self.head not in HEAD_POLICIES:
-            raise ValueError(f"adapter.head must be one of {HEAD_POLICIES}, got {self.head!r}")
+            raise ConfigError(f"adapter.head must be one of {HEAD_POLICIES}, got {self.head!r}")
         for key in ("trainable", "shared"):
             bad = set(getattr(self, key)) - factors
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"adapter.{key} names {sorted(bad)}, but this adapter has factors {sorted(factors)}"
                     + ("" if self.tri else " (C exists in a tri adapter: adapter.zero=C)")
                 )
         if not self.trainable:
-            raise ValueError("adapter.trainable is empty: nothing would learn")
+            raise ConfigError("adapter.trainable is empty: nothing would learn")
         if not set(self.shared) <= set(self.trainable):
-            raise ValueError(
+            raise ConfigError(
                 f"adapter.shared={self.shared} must be a subset of adapter.trainable={self.trainable}: "
                 "frozen factors are identical everywhere and never sent"
             )
         if self.zero not in self.trainable:
-            raise ValueError(
+            raise ConfigError(
                 f"adapter.zero={self.zero!r} starts at zero but is frozen, so the adapter could never "
                 f"learn (its gradient through the other factors is zero); make it trainable"
             )

@@ -6,6 +6,7 @@ from torch import nn
 
 from celora.adapters.config import AdapterConfig
 from celora.adapters.layer import AdapterLayer, is_adaptable
+from celora.errors import InputError
 
 PREFIX = "lora_"  # every adapter tensor's name ends in lora_A / lora_B / lora_C
 
@@ -47,13 +48,13 @@ def inject(model: nn.Module, cfg: AdapterConfig, targets: list[str] | str, seed:
         if n and not isinstance(m, AdapterLayer) and (_all_linear(n, m) if every else any(_matches(n, t) for t in targets))
     ]
     if not hits:
-        raise ValueError(
+        raise InputError(
             f"adapter.targets={list(targets)} match no module of {type(model).__name__}; "
             f"its linear modules are: {adaptable_names(model)}"
         )
     unusable = [n for n, m in hits if not is_adaptable(m)]
     if unusable:
-        raise ValueError(
+        raise InputError(
             f"adapter.targets match modules that are not linear maps: {unusable[:5]}; "
             f"pick among: {adaptable_names(model)}"
         )

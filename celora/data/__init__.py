@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from celora.errors import InputError
+
 
 def load(loader: Callable, inputs: dict, seed: int):
     """Calls a dataset loader (a `_partial_` config node) with what the model gives it.
@@ -16,7 +18,7 @@ def load(loader: Callable, inputs: dict, seed: int):
     unknown = [k for k in inputs if k not in params and not takes_all]
     if unknown:
         func = getattr(loader, "func", loader)
-        raise ValueError(
+        raise InputError(
             f"the dataset {func.__module__}.{func.__name__} does not take {unknown}, which the model gives: "
             "model and dataset are of different modalities (a text model needs a text dataset such as "
             "rotten_tomatoes or hf; an image model (efficientnet_lite0, vit, clip) an image dataset such as "

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from celora.errors import InputError
+
 log = logging.getLogger(__name__)
 SHOWN = 5  # row numbers shown per column in an error
 
@@ -40,7 +42,7 @@ def drop_or_refuse(splits: Mapping[str, datasets.Dataset], columns: Mapping[str,
         lines = [f"  - column {c!r} ({columns[c]}): {len(rows):,} of {len(splits[split]):,} rows of split "
                  f"{split!r} are missing or empty (rows {', '.join(map(str, rows[:SHOWN]))}"
                  f"{', ...' if len(rows) > SHOWN else ''})" for split, c, rows in problems]
-        raise ValueError(
+        raise InputError(
             f"{source} has missing or empty values in the columns this run reads:\n" + "\n".join(lines) +
             "\nRow numbers count from 0 within the split (in a CSV with a header, row k is on line k + 2). Fill "
             "the values in the data, drop those rows, or set dataset.drop_missing=true to drop them when loading.")
@@ -53,7 +55,7 @@ def drop_or_refuse(splits: Mapping[str, datasets.Dataset], columns: Mapping[str,
                         "dataset.drop_missing=true)", source, len(bad), len(ds), split, named)
             ds = ds.select(np.setdiff1d(np.arange(len(ds)), bad))
         if len(ds) == 0:
-            raise ValueError(f"{source}: every row of split {split!r} misses a value in {list(columns)}; "
+            raise InputError(f"{source}: every row of split {split!r} misses a value in {list(columns)}; "
                              "nothing is left to train on. Check the column names (dataset.*_column).")
         out[split] = ds
     return out
@@ -77,7 +79,7 @@ def require_two_classes(labels: np.ndarray, names: list[str], column: str, key: 
     present = np.unique(labels)
     if len(present) < 2:
         only = names[int(present[0])] if len(present) else None
-        raise ValueError(
+        raise InputError(
             f"{source}: column {column!r} ({key}) holds a single class, {only!r}, in all {len(labels):,} rows of "
             f"split {split!r}: a classifier needs at least two. Check that {key} names the label column and that "
             "the data holds every class (dataset.limit keeps the label proportions of the whole).")

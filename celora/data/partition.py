@@ -14,6 +14,7 @@ from flwr_datasets.partitioner import (
 )
 from sklearn.model_selection import train_test_split
 
+from celora.errors import ConfigError, InputError
 from celora.seeds import PARTITION_REDRAW, VALIDATION, derive_seed
 
 INDEX = "__index__"
@@ -36,7 +37,7 @@ class Partition:
 
     def __post_init__(self):
         if not 0 <= self.local_test_fraction < 1:
-            raise ValueError(f"local_test_fraction={self.local_test_fraction} must be in [0, 1): "
+            raise ConfigError(f"local_test_fraction={self.local_test_fraction} must be in [0, 1): "
                              "a client needs at least one training example.")
 
     def split(self, dataset: datasets.Dataset, num_clients: int, seed: int,
@@ -44,14 +45,14 @@ class Partition:
         for column in self._columns(label_column):
             _require_column(dataset, column)
         if not 1 <= num_clients <= len(dataset):
-            raise ValueError(f"num_clients={num_clients} but the dataset has {len(dataset)} examples; "
+            raise InputError(f"num_clients={num_clients} but the dataset has {len(dataset)} examples; "
                              f"use between 1 and {len(dataset)} clients.")
         # Only the columns partitioners read, plus row numbers to map partitions back to `dataset`.
         light = dataset.select_columns(self._columns(label_column)).add_column(INDEX, np.arange(len(dataset)))
         parts = self._assign(light, num_clients, seed, label_column)
         for cid, rows in enumerate(parts):
             if len(rows) < 2:
-                raise ValueError(
+                raise InputError(
                     f"client {cid} got {len(rows)} example(s) (a client needs >= 2 for local train and test); "
                     f"use fewer clients{self._hint()}.")
         labels = _column(dataset, label_column)
@@ -98,7 +99,7 @@ def hold_out_validation(splits: list[ClientSplit], labels: np.ndarray, fraction:
     out = []
     for cid, s in enumerate(splits):
         if len(s.train) < 2:
-            raise ValueError(f"client {cid} has {len(s.train)} training example(s): client.val_fraction={fraction} "
+            raise InputError(f"client {cid} has {len(s.train)} training example(s): client.val_fraction={fraction} "
                              "needs >= 2 (one to train on, one to validate); use fewer clients or "
                              "client.val_fraction=0")
         train, val = carve(s.train, labels, fraction, derive_seed(seed, VALIDATION, cid) % 2**32)
@@ -108,7 +109,7 @@ def hold_out_validation(splits: list[ClientSplit], labels: np.ndarray, fraction:
 
 def _require_column(dataset: datasets.Dataset, column: str) -> None:
     if column not in dataset.column_names:
-        raise ValueError(f"unknown column {column!r}; the dataset has {dataset.column_names}. A dataset=hf or "
+        raise InputError(f"unknown column {column!r}; the dataset has {dataset.column_names}. A dataset=hf or "
                          f"hf_image source keeps its id column only when named: dataset.group_column={column}.")
 
 
@@ -149,11 +150,11 @@ class Dirichlet(Partition):
     def __post_init__(self):
         super().__post_init__()
         if not self.alpha > 0:
-            raise ValueError(f"partition.alpha={self.alpha} must be > 0 (0.1: strongly skewed, 10: near IID).")
+            raise ConfigError(f"partition.alpha={self.alpha} must be > 0 (0.1: strongly skewed, 10: near IID).")
         if self.min_partition_size < 0:
-            raise ValueError(f"partition.min_partition_size={self.min_partition_size} must be >= 0.")
+            raise ConfigError(f"partition.min_partition_size={self.min_partition_size} must be >= 0.")
         if self.max_draws < 1:
-            raise ValueError(f"partition.max_draws={self.max_draws} must be >= 1 (flwr draws 10 per seed).")
+            raise ConfigError(f"partition.max_draws={self.max_draws} must be >= 1 (flwr draws 10 per seed).")
 
     def _hint(self) -> str:
         return ", a larger alpha, or a larger min_partition_size"
@@ -172,7 +173,7 @@ class Dirichlet(Partition):
                     return _indices(partitioner, ds, num_clients)
             except ValueError as err:
                 last = err
-        raise ValueError(
+        raise InputError(
             f"Dirichlet(alpha={self.alpha}) could not give all {num_clients} clients "
             f">= {self.min_partition_size} examples in {seeds * FLWR_DRAWS} draws ({last}); use fewer clients, "
             f"a larger alpha, a smaller min_partition_size, or a larger max_draws.") from last
@@ -188,7 +189,7 @@ class Pathological(Partition):
     def __post_init__(self):
         super().__post_init__()
         if self.classes_per_client < 1:
-            raise ValueError(f"partition.classes_per_client={self.classes_per_client} must be >= 1.")
+            raise ConfigError(f"partition.classes_per_client={self.classes_per_client} must be >= 1.")
 
     def _assign(self, ds, num_clients, seed, label_column):
         partitioner = PathologicalPartitioner(num_clients, label_column, self.classes_per_client,
@@ -199,7 +200,7 @@ class Pathological(Partition):
         labels = _column(ds, label_column)
         unused = sorted(set(labels.tolist()) - {y for rows in parts for y in labels[rows].tolist()})
         if unused:
-            raise ValueError(f"classes {unused} are held by no client, so their examples would be dropped; "
+            raise InputError(f"classes {unused} are held by no client, so their examples would be dropped; "
                              f"use at least as many clients as classes, or more classes_per_client.")
         return parts
 
@@ -217,7 +218,7 @@ class Natural(Partition):
         ids = _column(ds, self.column)
         unique = np.unique(ids)
         if len(unique) < num_clients:
-            raise ValueError(f"column {self.column!r} has {len(unique)} distinct ids, fewer than "
+            raise InputError(f"column {self.column!r} has {len(unique)} distinct ids, fewer than "
                              f"num_clients={num_clients}; use at most {len(unique)} clients.")
         # GroupedNaturalIdPartitioner fixes ids per group (not the number of groups) and is unseeded,
         # so ids are dealt to clients by a seeded permutation instead.
@@ -250,35 +251,35 @@ class Grouped(Partition):
     def __post_init__(self):
         super().__post_init__()
         if self.groups < 1:
-            raise ValueError(f"groups={self.groups} must be >= 1.")
+            raise ConfigError(f"groups={self.groups} must be >= 1.")
         if self.clients_per_group is not None and not isinstance(self.clients_per_group, int):
             self.clients_per_group = [int(m) for m in self.clients_per_group]  # Hydra passes ListConfig
             if len(self.clients_per_group) != self.groups:
-                raise ValueError(f"clients_per_group={self.clients_per_group} has {len(self.clients_per_group)} "
+                raise ConfigError(f"clients_per_group={self.clients_per_group} has {len(self.clients_per_group)} "
                                  f"entries but groups={self.groups}; give one number per group, or one for all.")
         sizes = self.clients_per_group if isinstance(self.clients_per_group, list) else [self.clients_per_group]
         if self.clients_per_group is not None and min(sizes) < 1:
-            raise ValueError(f"clients_per_group={self.clients_per_group} must be >= 1, or null to use "
+            raise ConfigError(f"clients_per_group={self.clients_per_group} must be >= 1, or null to use "
                              "num_clients / groups.")
         if not 0 <= self.skew <= 1:
-            raise ValueError(f"skew={self.skew} must be in [0, 1]: the share of a group's examples "
+            raise ConfigError(f"skew={self.skew} must be in [0, 1]: the share of a group's examples "
                              "drawn from its own classes.")
         if self.class_groups is not None:
             # Plain lists of ints (Hydra passes ListConfig).
             self.class_groups = [[int(c) for c in owned] for owned in self.class_groups]
             if len(self.class_groups) != self.groups:
-                raise ValueError(f"class_groups has {len(self.class_groups)} entries but groups={self.groups}; "
+                raise ConfigError(f"class_groups has {len(self.class_groups)} entries but groups={self.groups}; "
                                  "give one list of classes per group.")
             empty = [g for g, owned in enumerate(self.class_groups) if not owned]
             if empty:
-                raise ValueError(f"class_groups gives group(s) {empty} no class; each group must own >= 1 class.")
+                raise ConfigError(f"class_groups gives group(s) {empty} no class; each group must own >= 1 class.")
             owned = [c for cs in self.class_groups for c in cs]
             twice = sorted({c for c in owned if owned.count(c) > 1})
             if twice:
-                raise ValueError(f"class(es) {twice} appear in more than one group of class_groups; "
+                raise ConfigError(f"class(es) {twice} appear in more than one group of class_groups; "
                                  "every class must be owned by exactly one group.")
             if min(owned) < 0:
-                raise ValueError(f"class_groups holds negative class ids {sorted(c for c in owned if c < 0)}; "
+                raise ConfigError(f"class_groups holds negative class ids {sorted(c for c in owned if c < 0)}; "
                                  "classes are label ids 0, 1, ...")
 
     def _hint(self) -> str:
@@ -288,17 +289,17 @@ class Grouped(Partition):
         """Clients in each group."""
         if self.clients_per_group is None:
             if num_clients % self.groups:
-                raise ValueError(f"num_clients={num_clients} is not divisible by groups={self.groups}; use a "
+                raise ConfigError(f"num_clients={num_clients} is not divisible by groups={self.groups}; use a "
                                  f"multiple of {self.groups} clients, change groups, or set clients_per_group "
                                  f"so that groups * clients_per_group = num_clients (or a list, one per group).")
             return [num_clients // self.groups] * self.groups
         if isinstance(self.clients_per_group, list):
             if sum(self.clients_per_group) != num_clients:
-                raise ValueError(f"clients_per_group={self.clients_per_group} adds up to "
+                raise ConfigError(f"clients_per_group={self.clients_per_group} adds up to "
                                  f"{sum(self.clients_per_group)} but num_clients={num_clients}; make them agree.")
             return list(self.clients_per_group)
         if self.groups * self.clients_per_group != num_clients:
-            raise ValueError(f"groups={self.groups} * clients_per_group={self.clients_per_group} = "
+            raise ConfigError(f"groups={self.groups} * clients_per_group={self.clients_per_group} = "
                              f"{self.groups * self.clients_per_group} but num_clients={num_clients}; set "
                              f"clients_per_group to num_clients / groups, set it to null, or change groups.")
         return [self.clients_per_group] * self.groups
@@ -310,7 +311,7 @@ class Grouped(Partition):
     def _owners(self, num_classes: int) -> list[list[int]]:
         if self.class_groups is None:
             if self.groups > num_classes:
-                raise ValueError(f"groups={self.groups} but the task has {num_classes} classes, and each group "
+                raise InputError(f"groups={self.groups} but the task has {num_classes} classes, and each group "
                                  f"needs at least one class of its own; use at most {num_classes} groups, or set "
                                  "class_groups (one list of class ids per group, every class in exactly one "
                                  "list) to say which classes each group owns.")
@@ -318,7 +319,7 @@ class Grouped(Partition):
         owned = {c for cs in self.class_groups for c in cs}
         missing = sorted(set(range(num_classes)) - owned)
         if missing:
-            raise ValueError(f"class(es) {missing} are owned by no group in class_groups={self.class_groups}; "
+            raise InputError(f"class(es) {missing} are owned by no group in class_groups={self.class_groups}; "
                              "every class must be owned by exactly one group.")
         return self.class_groups
 
@@ -335,13 +336,13 @@ class Grouped(Partition):
         sizes = np.array(self._group_sizes(num_clients), dtype=float)
         labels = _column(ds, label_column)
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise ValueError(f"Grouped needs integer class ids >= 0 in column {label_column!r}.")
+            raise InputError(f"Grouped needs integer class ids >= 0 in column {label_column!r}.")
         feature = ds.features[label_column]
         num_classes = max(int(labels.max()) + 1, getattr(feature, "num_classes", 0) or 0)
         if self.class_groups is not None:
             top = max(c for cs in self.class_groups for c in cs)
             if isinstance(feature, datasets.ClassLabel) and top >= feature.num_classes:
-                raise ValueError(f"class_groups names class {top} but {label_column!r} has "
+                raise InputError(f"class_groups names class {top} but {label_column!r} has "
                                  f"{feature.num_classes} classes (0..{feature.num_classes - 1}).")
             num_classes = max(num_classes, top + 1)
         q = self.distributions(num_classes)
@@ -377,3 +378,18 @@ def label_counts(dataset: datasets.Dataset, splits: list[ClientSplit], num_class
              "train_counts": np.bincount(labels[s.train], minlength=num_classes).tolist(),
              "test_counts": np.bincount(labels[s.test], minlength=num_classes).tolist()}
             for cid, s in enumerate(splits)]
+
+
+def partition_summary(counts: list[dict]) -> str:
+    """label_counts in one log line (partition.json keeps the whole table): how many clients, their train and
+    test sizes and how many classes each client's train rows hold, as min / median / max."""
+    if not counts:
+        return "partition: no clients"
+
+    def spread(values: list[int]) -> str:
+        return f"{min(values)} / {np.median(values):g} / {max(values)}"
+
+    classes = [int(np.count_nonzero(c["train_counts"])) for c in counts]
+    return (f"partition: {len(counts)} clients; train rows (min / median / max) {spread([c['train_size'] for c in counts])}"
+            f", test rows {spread([c['test_size'] for c in counts])}, classes per client {spread(classes)} of "
+            f"{len(counts[0]['train_counts'])}; every client's label counts are in partition.json")

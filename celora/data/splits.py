@@ -1,8 +1,17 @@
 """Seeded, stratified subsets and held-out splits of a labelled dataset, as row numbers (text and images alike)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from celora.errors import ConfigError, InputError
+from celora.schema import Range
+
+# What every loader's keys take (conf/dataset/*.yaml; celora.schema checks them before anything loads):
+TestFraction = Annotated[float, Range(gt=0, lt=1), "the share held out for the global test"]
+Limit = Annotated[int, Range(ge=1), "null takes all of it"] | None  # a stratified subset of this many examples
 
 
 def take(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -11,7 +20,7 @@ def take(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit == len(labels):
         return rows
     if not 0 < limit <= len(labels):
-        raise ValueError(f"limit={limit} but the data has {len(labels)} examples; "
+        raise InputError(f"limit={limit} but the data has {len(labels)} examples; "
                          f"use a limit in [1, {len(labels)}] or limit=null for all of it.")
     kept, _ = stratified(labels, rows, limit, seed)
     return kept
@@ -31,7 +40,7 @@ def stratified(labels: np.ndarray, rows: np.ndarray, size: int | float, seed: in
 def split(labels: np.ndarray, rows: np.ndarray, test_fraction: float, seed: int):
     """(train rows, held-out test rows): a stratified `test_fraction` of `rows`, rounded up, held out."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
+        raise ConfigError(f"test_fraction={test_fraction} must be in (0, 1).")
     test, train = stratified(labels, rows, test_fraction, seed)
     return train, test
 
@@ -42,7 +51,7 @@ def limits(y_train: np.ndarray, y_test: np.ndarray, limit: int | None, seed: int
         return np.arange(len(y_train)), np.arange(len(y_test))
     total = len(y_train) + len(y_test)
     if not 2 <= limit <= total:
-        raise ValueError(f"limit={limit} but the data has {total} examples; "
+        raise InputError(f"limit={limit} but the data has {total} examples; "
                          f"use a limit in [2, {total}] or limit=null for all of it.")
     n_test = max(1, round(limit * len(y_test) / total))
     return take(y_train, limit - n_test, seed), take(y_test, n_test, seed)

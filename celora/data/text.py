@@ -19,7 +19,8 @@ from celora.data.columns import (
     label_vocabulary,
     require_two_classes,
 )
-from celora.data.splits import split, stratified
+from celora.data.splits import Limit, TestFraction, split, stratified
+from celora.errors import InputError
 from celora.files import atomic_folder
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CELORA_CACHE") or Path.home() / ".cache" / "celora")
 
 
-def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: float = 0.1,
-                    limit: int | None = None, cache_dir: str | None = None) -> TextData:
+def rotten_tomatoes(*, tokenizer, max_length: int, seed: int, test_fraction: TestFraction = 0.1,
+                    limit: Limit = None, cache_dir: str | None = None) -> TextData:
     """Rotten Tomatoes critic snippets (fresh=1 / rotten=0), with the movie as an integer `movie` column."""
     source = rt_source()
     stat = source.stat()
@@ -86,8 +87,8 @@ def rt_reviews(source: Path) -> datasets.Dataset:
 
 def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
        split_train: str = "train", split_test: str | None = "test", text_column: str = "text",
-       label_column: str = "label", group_column: str | None = None, test_fraction: float = 0.1,
-       limit: int | None = None, cache_dir: str | None = None, drop_missing: bool = False) -> TextData:
+       label_column: str = "label", group_column: str | None = None, test_fraction: TestFraction = 0.1,
+       limit: Limit = None, cache_dir: str | None = None, drop_missing: bool = False) -> TextData:
     """Any `datasets.load_dataset` source (hub id, or "csv"/"json"/"parquet" with `data_files`).
 
     Rows missing a text, a label or a group id (null, NaN, empty text) are refused with their row
@@ -118,7 +119,7 @@ def read_source(path: str, name: str | None, data_files, split_train: str, split
     checked to hold the columns of `roles` (column -> the config key naming it) with no missing values."""
     raw = datasets.load_dataset(path, name, data_files=data_files)
     if split_train not in raw:
-        raise ValueError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
+        raise InputError(f"split_train={split_train!r} is not in {path}; its splits are {list(raw)}.")
     has_test = split_test is not None and split_test in raw
     if split_test is not None and not has_test:
         log.info("%s has no split %r; holding out %.0f%% of %r as test", path, split_test,
@@ -127,7 +128,7 @@ def read_source(path: str, name: str | None, data_files, split_train: str, split
     for n in names:
         missing = [c for c in roles if c not in raw[n].column_names]
         if missing:
-            raise ValueError(f"column(s) {missing} not in {path}; its columns are {raw[n].column_names}. "
+            raise InputError(f"column(s) {missing} not in {path}; its columns are {raw[n].column_names}. "
                              f"Set {' / '.join(roles[c] for c in missing)} to existing ones.")
     return list(drop_or_refuse({n: raw[n] for n in names}, roles, drop_missing, f"dataset {path}").values())
 
@@ -163,7 +164,7 @@ def take(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset
     if limit is None or limit == len(ds):
         return ds
     if not 0 < limit <= len(ds):
-        raise ValueError(f"limit={limit} but the data has {len(ds)} examples; "
+        raise InputError(f"limit={limit} but the data has {len(ds)} examples; "
                          f"use a limit in [1, {len(ds)}] or limit=null for all of it.")
     _, kept = stratified(labels_of(ds), np.arange(len(ds)), len(ds) - limit, seed)
     return ds.select(kept)

@@ -7,15 +7,16 @@ from torch import nn
 
 from celora.adapters import stacked
 from celora.data.batches import Collate, Encoded
+from celora.errors import ConfigError
 from celora.fl.client import Fitting, train_cohort, train_local
-from celora.fl.evaluation import evaluate, evaluate_cohort
+from celora.fl.evaluation import Advance, evaluate, evaluate_cohort
 from celora.tensors import State, load, snapshot
 
 
 def check_cohort_size(cohort_size) -> None:
     if not (cohort_size is None or cohort_size == "all" or
             (isinstance(cohort_size, int) and not isinstance(cohort_size, bool) and cohort_size >= 1)):
-        raise ValueError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
+        raise ConfigError(f"simulation.cohort_size must be a positive integer or 'all', got {cohort_size!r}")
 
 
 class OneByOne:
@@ -32,9 +33,10 @@ class OneByOne:
         return [(loss, snapshot(model, trainable))]
 
     def evaluate(self, model: nn.Module, fitting: Fitting, data: Encoded, states: Sequence[State],
-                 indices: Sequence[Sequence[int]], batch_size: int, collate: Collate) -> list[dict[str, float]]:
+                 indices: Sequence[Sequence[int]], batch_size: int, collate: Collate,
+                 advance: Advance | None = None) -> list[dict[str, float]]:
         load(model, states[0])
-        return [evaluate(model, data, indices[0], batch_size, collate, fitting.task, fitting.engine)]
+        return [evaluate(model, data, indices[0], batch_size, collate, fitting.task, fitting.engine, advance)]
 
 
 class Stacked(OneByOne):
@@ -52,9 +54,9 @@ class Stacked(OneByOne):
         losses, states = train_cohort(model, trainable, starts, loaders, steps, fitting, pad_id, on_first_backward)
         return list(zip(losses, states))
 
-    def evaluate(self, model, fitting, data, states, indices, batch_size, collate):
+    def evaluate(self, model, fitting, data, states, indices, batch_size, collate, advance=None):
         with stacked(model, states):
-            return evaluate_cohort(model, data, indices, batch_size, collate, fitting.task, fitting.engine)
+            return evaluate_cohort(model, data, indices, batch_size, collate, fitting.task, fitting.engine, advance)
 
 
 def plan(cohort_size: int | str | None) -> OneByOne:

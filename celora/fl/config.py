@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from celora.errors import ConfigError
 from celora.seeds import EVAL_CLIENTS
 
 ON_CLIENT_ERROR = ("skip", "raise")
@@ -27,20 +28,20 @@ class FLConfig:
     def __post_init__(self):
         for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
             if getattr(self, key) < low:
-                raise ValueError(f"fl.{key} must be >= {low}, got {getattr(self, key)}")
+                raise ConfigError(f"fl.{key} must be >= {low}, got {getattr(self, key)}")
         if not 0 < self.sample_fraction <= 1:
-            raise ValueError(f"fl.sample_fraction must be in (0, 1], got {self.sample_fraction}")
+            raise ConfigError(f"fl.sample_fraction must be in (0, 1], got {self.sample_fraction}")
         if self.max_update_norm_ratio is not None and not self.max_update_norm_ratio > 1:
-            raise ValueError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
+            raise ConfigError(f"fl.max_update_norm_ratio must be > 1 (e.g. 10) or null to turn the check off, "
                              f"got {self.max_update_norm_ratio}")
         if not (self.eval_clients == "all" or isinstance(self.eval_clients, int) and
                 not isinstance(self.eval_clients, bool) and 1 <= self.eval_clients):
-            raise ValueError(f"fl.eval_clients must be 'all' or a positive number of clients, got {self.eval_clients!r}")
+            raise ConfigError(f"fl.eval_clients must be 'all' or a positive number of clients, got {self.eval_clients!r}")
         if isinstance(self.eval_clients, int) and self.eval_clients > self.num_clients:
-            raise ValueError(f"fl.eval_clients={self.eval_clients} is more than fl.num_clients={self.num_clients}; "
+            raise ConfigError(f"fl.eval_clients={self.eval_clients} is more than fl.num_clients={self.num_clients}; "
                              f"use fl.eval_clients=all or at most {self.num_clients}")
         if self.on_client_error not in ON_CLIENT_ERROR:
-            raise ValueError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
+            raise ConfigError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
 
     @property
     def clients_per_round(self) -> int:
@@ -71,16 +72,16 @@ class ClientConfig:
     def __post_init__(self):
         for key in ("local_steps", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"client.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"client.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"client.lr={self.lr} must be > 0")
+            raise ConfigError(f"client.lr={self.lr} must be > 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
+            raise ConfigError(f"client.grad_clip must be > 0, or null to turn clipping off, got {self.grad_clip}")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"client.val_fraction={self.val_fraction} must be in [0, 1): 0 scores the test rows, "
+            raise ConfigError(f"client.val_fraction={self.val_fraction} must be in [0, 1): 0 scores the test rows, "
                              "e.g. 0.2 holds a fifth of each client's training rows out for validation")
         if self.max_epochs is not None and self.max_epochs <= 0:
-            raise ValueError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
+            raise ConfigError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
 
     def steps(self, base: int, examples: int) -> int:
         """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1)."""

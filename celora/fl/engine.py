@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from celora.errors import ConfigError
+
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)  # Fabric's start-up notes are not the run's log
 
@@ -18,16 +20,16 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names
 def check_engine(accelerator: str, precision: str) -> None:
     """The accelerator and precision names, and what this machine can do with them."""
     if accelerator not in ACCELERATORS:
-        raise ValueError(f"simulation.accelerator={accelerator!r} must be one of {ACCELERATORS}")
+        raise ConfigError(f"simulation.accelerator={accelerator!r} must be one of {ACCELERATORS}")
     if precision not in PRECISIONS:
-        raise ValueError(f"simulation.precision={precision!r} must be one of {PRECISIONS} (Lightning's names): "
+        raise ConfigError(f"simulation.precision={precision!r} must be one of {PRECISIONS} (Lightning's names): "
                          "32-true trains and evaluates in fp32, bf16-mixed and 16-mixed under autocast")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"simulation.accelerator={accelerator} but this machine has no CUDA device visible to "
+        raise ConfigError(f"simulation.accelerator={accelerator} but this machine has no CUDA device visible to "
                          "torch; use simulation.accelerator=cpu (or auto)")
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision == "16-mixed" and not cuda:
-        raise ValueError("simulation.precision=16-mixed needs a CUDA device (a gradient scaler guards fp16's "
+        raise ConfigError("simulation.precision=16-mixed needs a CUDA device (a gradient scaler guards fp16's "
                          "range there); on the CPU use simulation.precision=bf16-mixed or 32-true")
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,11 +15,12 @@ from celora.tasks.classify import Classify
 
 
 Sums = dict[str, float]  # a task's summed scores: examples, loss, correct, and what else the task counts
+Advance = Callable[[int], None]  # told how many rows a batch scored (a progress bar's update)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size: int, collate: Collate,
-             task: Task | None = None, engine: Engine | None = None) -> Sums:
+             task: Task | None = None, engine: Engine | None = None, advance: Advance | None = None) -> Sums:
     """The task's scores (default: classification) summed over `indices` on the engine's device and precision
     (default: where the model is, in its own dtype); `task.rates` makes metrics of them. The sums stay on
     the device until the last batch."""
@@ -31,12 +32,15 @@ def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size
         for batch in eval_batches(data, indices, batch_size, collate):
             for name, value in task.scores(model, {k: v.to(device) for k, v in batch.items()}).items():
                 sums[name] = sums.get(name, 0) + value[0].to(device, torch.float64)
+            if advance is not None:
+                advance(len(next(iter(batch.values()))))
     return {name: value.item() for name, value in sums.items()} or {"examples": 0}
 
 
 @torch.no_grad()
 def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[int]], batch_size: int,
-                    collate: Collate, task: Task | None = None, engine: Engine | None = None) -> list[Sums]:
+                    collate: Collate, task: Task | None = None, engine: Engine | None = None,
+                    advance: Advance | None = None) -> list[Sums]:
     """evaluate() for K clients at once: the model holds their K stacked states, client k sees indices[k].
 
     Each pass takes the next block of ceil(batch_size / K) examples of every client's length-sorted
@@ -60,6 +64,8 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
                                  valid=valid.to(device))
         for name, value in scores.items():
             sums[name] = sums.get(name, 0) + value.to(device, torch.float64)
+        if advance is not None:
+            advance(int(valid.sum()))
     host = {name: value.tolist() for name, value in sums.items()}  # one read-back for the cohort
     return [{name: value[c] for name, value in host.items()} for c in range(k)]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from celora.adapters import is_factor
+from celora.errors import ConfigError
 from celora.fl.aggregators import Aggregate, Aggregator, weighted_average
 from celora.fl.data_stats import DataStats
 from celora.similarity import (
@@ -47,13 +48,13 @@ class CeLoRA(Aggregator):
 
     def __post_init__(self):
         if not 0 <= self.lam <= 1:
-            raise ValueError(f"aggregator.lam must be in [0, 1] (1 = data space only), got {self.lam}")
+            raise ConfigError(f"aggregator.lam must be in [0, 1] (1 = data space only), got {self.lam}")
         if self.solver not in SOLVERS:
-            raise ValueError(f"aggregator.solver must be one of {SOLVERS}, got {self.solver!r}")
+            raise ConfigError(f"aggregator.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.param_space not in PARAM_SPACES:
-            raise ValueError(f"aggregator.param_space must be one of {PARAM_SPACES}, got {self.param_space!r}")
+            raise ConfigError(f"aggregator.param_space must be one of {PARAM_SPACES}, got {self.param_space!r}")
         if self.gamma < 0 or self.tau <= 0:
-            raise ValueError(f"aggregator.gamma must be >= 0 and aggregator.tau > 0, got {self.gamma}, {self.tau}")
+            raise ConfigError(f"aggregator.gamma must be >= 0 and aggregator.tau > 0, got {self.gamma}, {self.tau}")
         if self.lam == 0:  # parameter space only: clients compute and send no data summaries
             self.data_stats = None
         elif self.data_stats is None:

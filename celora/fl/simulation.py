@@ -5,30 +5,29 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from celora.adapters import silent_layers
-from celora.data.batches import Collate, Encoded, train_loader
+from celora.data.batches import train_loader
+from celora.errors import UserError
 from celora.fl import faults, lora_sb
-from celora.fl.aggregators import Aggregator
 from celora.fl.client import Fitting, set_trainable
 from celora.fl.cohorts import plan
 from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.data_stats import Collected, collect
 from celora.fl.engine import Engine
-from celora.fl.evaluation import evaluate, personal_summary
+from celora.fl.evaluation import Advance, evaluate, personal_summary
 from celora.fl.participants import Clients, Pooled
-from celora.fl.wire import SEED_BYTES, Exchange, Payload
-from celora.privacy.dp import NoPrivacy, Privacy
+from celora.fl.setup import Discard, Method, Recorder, RunData
+from celora.fl.states import ModelStates
+from celora.fl.wire import SEED_BYTES, Payload
+from celora.progress import bar
 from celora.seeds import BATCHES, DROPOUT, SAMPLING, UPLOAD_NOISE, derive_seed
 from celora.similarity import ClassStats
-from celora.tasks import Task
-from celora.tasks.classify import Classify
 from celora.tensors import State, load, snapshot
 
 log = logging.getLogger("celora")
@@ -42,39 +41,46 @@ class Simulation:
     clients is grouped (`cohort_size=None` one after another on the model's own tensors; an integer K,
     or "all", K clients stacked in one batched pass: `fl.cohorts`). Both groupings give the same
     numbers where nothing random depends on the batch's shape (every dropout off, docs/parallel.md).
+    Every client's model (the global state, its personalised state, its private tensors) lives in one
+    place, `states` (fl.states.ModelStates).
     """
 
-    def __init__(self, model: nn.Module, exchange: Exchange, aggregator: Aggregator, train: Encoded,
-                 test: Encoded, splits, fl: FLConfig, client: ClientConfig, seed: int, collate: Collate,
-                 log: Callable[[dict], None] = lambda row: None,
-                 log_matrix: Callable[[str, int, list[int], torch.Tensor], None] = lambda *a: None,
-                 num_classes: int = 2, accelerator: str = "cpu", progress: bool = True,
-                 cohort_size: int | str | None = None, privacy: Privacy | None = None, task: Task | None = None,
-                 precision: str = "32-true", test_rows: Sequence[int] | None = None, lora_sb_init: bool = False):
+    def __init__(self, method: Method, data: RunData, fl: FLConfig, client: ClientConfig, seed: int, *,
+                 accelerator: str = "cpu", precision: str = "32-true", progress: bool = True,
+                 cohort_size: int | str | None = None, recorder: Recorder | None = None):
+        # accelerator, precision, progress and cohort_size are conf/simulation's keys (Hydra `_partial_`)
         self.cohorts = plan(cohort_size)
         self.engine = Engine(accelerator, precision)  # the run's one device and precision (one Fabric)
-        self.engine.place(model)  # the backbone moves once, here, and stays
-        self.model, self.exchange, self.aggregator = model, exchange, aggregator
-        self.train_data, self.test_data, self.collate = train, test, collate
-        self.test_rows = range(len(test)) if test_rows is None else test_rows  # the global evaluation's rows of `test`
-        self.fl, self.client, self.seed, self.log, self.log_matrix = fl, client, seed, log, log_matrix
-        self.num_classes, self.progress = num_classes, progress
-        self.fitting = Fitting(task or Classify(), client.optimizer, client.grad_clip, self.engine)
-        self.privacy = privacy or NoPrivacy()
-        initial = snapshot(model, exchange.trainable)
-        private = {n: initial[n] for n in exchange.private}
-        self.participants = (Pooled if aggregator.pooled else Clients)(splits, private)
+        self.engine.place(method.model)  # the backbone moves once, here, and stays
+        self.method, self.data = method, data
+        self.model, self.exchange, self.aggregator = method.model, method.exchange, method.aggregator
+        self.train_data, self.test_data, self.collate = data.train, data.test, data.collate
+        # the global evaluation's rows of `test`
+        self.test_rows = range(len(data.test)) if data.test_rows is None else data.test_rows
+        self.fl, self.client, self.seed, self.progress = fl, client, seed, progress
+        self.recorder = recorder or Discard()
+        self.num_classes = data.num_classes
+        self.fitting = Fitting(method.task, client.optimizer, client.grad_clip, self.engine)
+        self.privacy = method.privacy
+        self.participants = (Pooled if method.aggregator.pooled else Clients)(data.splits)
         self.clients, self.trainers = self.participants.clients, self.participants.trainers
+        initial = snapshot(method.model, method.exchange.trainable)
+        self.states = ModelStates({n: initial[n] for n in method.exchange.shared},
+                                  {n: initial[n] for n in method.exchange.private},
+                                  self.participants.owners(), pooled=self.participants.pooled)
         self.evaluated = fl.evaluated(seed)  # whose personal model each evaluation scores: fixed for the run
-        self.global_state: State = {n: initial[n] for n in exchange.shared}
-        self.personal: dict[int, State] = {}
         self.data_stats: list[ClassStats] | None = None  # what the clients summarised before round 1
         self.sampler = np.random.default_rng([seed, SAMPLING])
         self.cum = {"up": 0, "down": 0}
         self.completed = -1  # the last round done (0: the round-0 evaluation)
-        self.lora_sb_init = lora_sb_init  # Fed-SB: round 0 derives the frozen factors from the clients' gradients
-        self.frozen: State | None = None  # those factors, once derived (the config alone does not rebuild them)
+        self.lora_sb_init = method.lora_sb_init
+        self.frozen: State | None = None  # Fed-SB's factors, once derived (the config alone does not rebuild them)
         self.gradients_checked = False  # the first local backward pass looks for adapters that get no gradient
+
+    @property
+    def global_state(self) -> State:
+        """The server's model of the shared tensors (kept by `states`)."""
+        return self.states.global_state
 
     # -- state: what a resumed run needs beyond what the config rebuilds ----------------------
     def state_dict(self) -> dict:
@@ -86,9 +92,7 @@ class Simulation:
         """
         return {
             "completed": self.completed,
-            "global": self.global_state,
-            "personal": self.personal,
-            "private": [t.private for t in self.trainers],
+            **self.states.state_dict(),  # global, personal, private: the keys older checkpoints have
             "sampler": json.dumps(self.sampler.bit_generator.state),  # 128-bit ints as text
             "cum": dict(self.cum),
             "data_stats": None if self.data_stats is None else [vars(s) for s in self.data_stats],
@@ -98,18 +102,14 @@ class Simulation:
 
     def load_state_dict(self, state: dict) -> None:
         shapes = {n: p.shape for n, p in self.model.named_parameters()}
-        tensors = [state["global"], *state["personal"].values(), *state["private"]]
-        bad = sorted({n for s in tensors for n, t in s.items() if shapes.get(n) != t.shape})
+        bad = sorted({n for s in self.states.tensors(state) for n, t in s.items() if shapes.get(n) != t.shape})
         if len(state["private"]) != len(self.trainers):
             bad.append(f"{len(state['private'])} clients, not {len(self.trainers)}")
         if bad:
             raise ValueError(f"the checkpoint's state does not fit this run's model and clients ({bad[:3]}); "
                              "it belongs to another config: start over with resume=never")
         self.completed = state["completed"]
-        self.global_state = state["global"]
-        self.personal = dict(state["personal"])
-        for trainer, private in zip(self.trainers, state["private"]):
-            trainer.private = private
+        self.states.load_state_dict(state)
         self.sampler.bit_generator.state = json.loads(state["sampler"])
         self.cum = dict(state["cum"])
         if state["data_stats"] is not None:  # the server learns again what it learnt before round 1
@@ -134,7 +134,7 @@ class Simulation:
 
     def train_clients(self, rnd: int, cohort: list[int], received: dict[int, State]) -> list[tuple[float, State]]:
         """Local training of one cohort from what each client received; (mean loss, trained tensors) each."""
-        starts = [{**received[i], **self.trainers[i].private} for i in cohort]
+        starts = [{**received[i], **self.states.private[i]} for i in cohort]
         torch.manual_seed(derive_seed(self.seed, DROPOUT, rnd, cohort[0]))  # dropout, identical across runs
         check = None if self.gradients_checked else self.warn_silent_adapters
         self.gradients_checked = True
@@ -182,7 +182,7 @@ class Simulation:
 
     def downlink(self, i: int) -> Payload:
         """What client i is sent this round: its personal state where the server keeps one, else the global."""
-        return Payload.pack(self.personal.get(i, self.global_state), self.exchange.shared, self.fl.wire_dtype)
+        return Payload.pack(self.states.received(i), self.exchange.shared, self.fl.wire_dtype)
 
     def train_sampled(self, rnd: int, sampled: list[int], sent: dict[int, Payload],
                       received: dict[int, State]) -> tuple[dict[int, tuple[float, State]], dict[int, Exception]]:
@@ -201,7 +201,7 @@ class Simulation:
     def commit(self, rnd: int, accepted: list[int], privates: dict[int, State]) -> None:
         """The accepted clients keep what they trained of their private tensors; a rejected one keeps its old."""
         for i in accepted:
-            self.trainers[i].private = privates[i]
+            self.states.trained(i, privates[i])
 
     def train_round(self, rnd: int) -> dict:
         ex, dtype = self.exchange, self.fl.wire_dtype
@@ -218,6 +218,9 @@ class Simulation:
         t1 = time.perf_counter()
         if failed and not trained:  # a fault in every client is a fault of the run, not of a client
             first = next(iter(failed.values()))
+            if isinstance(first, UserError):  # the user's mistake, said as such (the command line prints it alone)
+                first.add_note(f"round {rnd}: the local training of every client raised this")
+                raise first
             raise RuntimeError(f"round {rnd}: the local training of every client raised") from first
         uploads, privates, losses = {}, {}, {}
         for i in sorted(trained):
@@ -237,10 +240,10 @@ class Simulation:
                                            torch.Generator().manual_seed(derive_seed(self.seed, UPLOAD_NOISE, rnd)))
         if uploads:  # with every client rejected the server keeps its state
             result = self.aggregator(uploads, sizes, received)
-            self.global_state = result.global_state if ex.shared else self.global_state
-            self.personal.update(result.personal)  # clients not sampled keep their last personal state
+            # clients not sampled keep their last personal state
+            self.states.aggregated(result.global_state if ex.shared else None, result.personal)
             if result.weights is not None:
-                self.log_matrix("weights", rnd, result.ids, result.weights)
+                self.recorder.log_matrix("weights", rnd, result.ids, result.weights)
         return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
                 "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
                 "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput,
@@ -294,7 +297,7 @@ class Simulation:
         self.data_stats = collected.stats
         ids = list(range(len(self.clients)))
         for name, matrix in self.aggregator.prepare(collected.stats).items():
-            self.log_matrix(name, 0, ids, matrix)
+            self.recorder.log_matrix(name, 0, ids, matrix)
         out = {"comm/up_bytes": collected.nbytes}
         if collected.sigma is not None:
             out["privacy/stats_sigma"] = collected.sigma
@@ -302,13 +305,14 @@ class Simulation:
 
     def collect_stats(self, spec, value_bytes: int) -> Collected:
         """Every client's data summary, from the model as it stands (the frozen backbone: C = 0)."""
-        return collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
-                       self.collate, self.num_classes, self.seed, value_bytes, self.engine)
+        with bar(len(self.clients), "data statistics", self.progress, unit="client") as clients:
+            return collect(spec, self.model, self.fitting.task, self.train_data, [c.train for c in self.clients],
+                           self.collate, self.num_classes, self.seed, value_bytes, self.engine, clients.update)
 
     # -- evaluation --------------------------------------------------------------------------
     def personal_state(self, i: int) -> State:
         """Client i's own model: what it last received (or the global state) and its private tensors."""
-        return {**self.personal.get(i, self.global_state), **self.participants.own(i)}
+        return self.states.of(i)
 
     def timed_evaluation(self) -> dict:
         t0 = time.perf_counter()
@@ -320,15 +324,17 @@ class Simulation:
         client's own model on its local test rows (its validation rows in a tuning run; every client, or the
         fl.eval_clients drawn once: `personal/clients` says how many), for the task's metrics."""
         bs, task, out = self.client.eval_batch_size, self.fitting.task, {}
-        state = self.participants.global_model(self.global_state, self.exchange.private)
-        if state is not None:  # one model: evaluated on its own tensors in either grouping
-            load(self.model, state)
-            sums = evaluate(self.model, self.test_data, self.test_rows, bs, self.collate, task,
-                            self.engine)
-            out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
-        else:
-            out.update({f"global/{k}": math.nan for k in task.metrics})
-        results = list(self.personal_sums(self.evaluated).values())
+        state = self.states.global_model()
+        rows = (len(self.test_rows) if state is not None else 0) + sum(len(self.clients[i].test) for i in self.evaluated)
+        with bar(rows, "evaluation", self.progress, unit="row") as rows_done:
+            if state is not None:  # one model: evaluated on its own tensors in either grouping
+                load(self.model, state)
+                sums = evaluate(self.model, self.test_data, self.test_rows, bs, self.collate, task,
+                                self.engine, rows_done.update)
+                out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
+            else:
+                out.update({f"global/{k}": math.nan for k in task.metrics})
+            results = list(self.personal_sums(self.evaluated, rows_done.update).values())
         rates = [task.rates(r) for r in results]
         accs, sizes = [r["acc"] for r in rates], [r.get("examples", 0) for r in results]
         out.update(personal_summary(accs, sizes))
@@ -339,14 +345,15 @@ class Simulation:
         out["personal/clients"] = len(results)
         return out
 
-    def personal_sums(self, ids: list[int]) -> dict[int, dict[str, float]]:
-        """The task's summed scores of each client's own model on its local test rows (client -> sums)."""
+    def personal_sums(self, ids: list[int], advance: Advance | None = None) -> dict[int, dict[str, float]]:
+        """The task's summed scores of each client's own model on its local test rows (client -> sums);
+        `advance(rows)` after each batch (the evaluation's progress bar)."""
         out = {}
         for cohort in self.cohorts.groups(ids):
             out.update(zip(cohort, self.cohorts.evaluate(self.model, self.fitting, self.train_data,
                                                          [self.personal_state(i) for i in cohort],
                                                          [self.clients[i].test for i in cohort],
-                                                         self.client.eval_batch_size, self.collate)))
+                                                         self.client.eval_batch_size, self.collate, advance)))
         return out
 
     # -- the loop ----------------------------------------------------------------------------
@@ -370,25 +377,28 @@ class Simulation:
             rows.append(self._emit(row, t0))
             self.completed = 0
             on_round_end(0)
-        bar = tqdm(range(self.completed + 1, self.fl.rounds + 1), desc="rounds", disable=not self.progress,
-                   dynamic_ncols=True)
-        for rnd in bar:
-            t0 = time.perf_counter()
-            row = {"round": rnd, **self.train_round(rnd)}
-            self.cum["up"] += row["comm/up_bytes"]
-            self.cum["down"] += row["comm/down_bytes"]
-            if rnd % self.fl.eval_every == 0 or rnd == self.fl.rounds:
-                row.update(self.timed_evaluation())
-                rows.append(self._emit(row, t0))
-                acc = row["global/acc"] if not math.isnan(row["global/acc"]) else row["personal/acc"]
-                bar.set_postfix(acc=f"{acc:.3f}", up=f"{self.cum['up'] / 1e6:.2f}MB")
-            self.completed = rnd
-            on_round_end(rnd)
+        with bar(self.fl.rounds, "rounds", self.progress, unit="round", leave=True) as rounds:
+            rounds.update(self.completed)  # a resumed run's bar starts where it stopped
+            for rnd in range(self.completed + 1, self.fl.rounds + 1):
+                t0 = time.perf_counter()
+                row = {"round": rnd, **self.train_round(rnd)}
+                self.cum["up"] += row["comm/up_bytes"]
+                self.cum["down"] += row["comm/down_bytes"]
+                if rnd % self.fl.eval_every == 0 or rnd == self.fl.rounds:
+                    row.update(self.timed_evaluation())
+                    rows.append(self._emit(row, t0))
+                    acc = row["global/acc"] if not math.isnan(row["global/acc"]) else row["personal/acc"]
+                    rounds.set_postfix(acc=f"{acc:.3f}", up=f"{self.cum['up'] / 1e6:.2f}MB")
+                self.completed = rnd
+                on_round_end(rnd)
+                rounds.update(1)
         return rows
 
     def _emit(self, row: dict, t0: float) -> dict:
         row["comm/up_bytes_cum"] = self.cum["up"]
         row["comm/down_bytes_cum"] = self.cum["down"]
         row["time/round_s"] = time.perf_counter() - t0
-        self.log(row)
+        log.info("round %d: global/acc %.4f, personal/acc %.4f, uplink %.3f MB in all, %.1f s", row["round"],
+                 row["global/acc"], row["personal/acc"], self.cum["up"] / 1e6, row["time/round_s"])
+        self.recorder.log(row)
         return row

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from celora.adapters import AdapterConfig, factor_names
+from celora.errors import ConfigError
 
 # fp64 carries an fp64 model's tensors unrounded (the equivalence tests compare simulation paths in it)
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -15,7 +16,7 @@ SEED_BYTES = 8  # the 64-bit seed from which every client rebuilds the frozen fa
 
 def wire_dtype(name: str) -> torch.dtype:
     if name not in WIRE_DTYPES:
-        raise ValueError(f"fl.wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {name!r}")
+        raise ConfigError(f"fl.wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {name!r}")
     return WIRE_DTYPES[name]
 
 

@@ -74,7 +74,7 @@ class Participant:
             if pending_round == last_accepted:
                 state[P.PRIVATE] = state[P.PENDING]
             del state[P.PENDING], state[P.PENDING_ROUND]
-        return record_state(state[P.PRIVATE]) if P.PRIVATE in state else dict(self.sim.trainers[i].private)
+        return record_state(state[P.PRIVATE]) if P.PRIVATE in state else dict(self.sim.states.own(i))
 
     def received(self, message: Message, key: str) -> dict:
         return from_record(message.content[key], self.dtypes, self.sim.exchange.shared).unpack()
@@ -97,7 +97,7 @@ class Participant:
         config = message.content[P.CONFIG]
         rnd = int(config[P.ROUND])
         sim = self.sim
-        sim.trainers[i].private = self.private(i, context, int(config[P.LAST_ACCEPTED]))
+        sim.states.trained(i, self.private(i, context, int(config[P.LAST_ACCEPTED])))
         received = self.received(message, P.SHARED)
         sim.fitting.tokens.take()
         [(loss, state)] = sim.train_clients(rnd, [i], {i: received})
@@ -114,8 +114,8 @@ class Participant:
     def evaluate(self, i: int, message: Message, context: Context) -> RecordDict:
         config = message.content[P.CONFIG]
         sim = self.sim
-        sim.trainers[i].private = self.private(i, context, int(config[P.LAST_ACCEPTED]))
-        sim.personal[i] = self.received(message, P.PERSONAL)
+        sim.states.trained(i, self.private(i, context, int(config[P.LAST_ACCEPTED])))
+        sim.states.aggregated(None, {i: self.received(message, P.PERSONAL)})
         sums = sim.personal_sums([i])[i]
         return RecordDict({P.METRICS: MetricRecord({P.CLIENT: i, **{k: float(v) for k, v in sums.items()}})})
 

@@ -150,10 +150,10 @@ class FlowerRun(Simulation):
         self.record_bytes = {"up": 0, "down": 0}
         return out
 
-    def personal_sums(self, ids):
+    def personal_sums(self, ids, advance=None):
         messages = {}
         for i in ids:
-            payload = Payload.pack(self.personal.get(i, self.global_state), self.exchange.shared, self.fl.wire_dtype)
+            payload = Payload.pack(self.states.received(i), self.exchange.shared, self.fl.wire_dtype)
             config = ConfigRecord({P.LAST_ACCEPTED: self.last_accepted.get(i, -1)})
             messages[i] = self._message(i, MessageType.EVALUATE, {P.PERSONAL: to_record(payload), P.CONFIG: config})
         got, failed = self._exchange(messages, "evaluation")
@@ -176,8 +176,7 @@ def serve(grid: Grid, cfg: DictConfig, out: Path) -> dict:
     summary: dict = {}
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)
-        run = world.simulation(cls=FlowerRun, grid=grid, settings=settings, log=metrics.log,
-                               log_matrix=metrics.log_matrix, progress=False)
+        run = world.simulation(cls=FlowerRun, grid=grid, settings=settings, recorder=metrics, progress=False)
         t0 = time.perf_counter()
         run.connect()
         run.run()

