@@ -12,5 +12,8 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(ARGS)
 
+# the slow tests include lm-evaluation-harness on an exported adapter: its extra is installed once (torch stays pinned)
 test-all: setup
+	@$(PY) -c "import lm_eval" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check \
+		"torch==$${CELORA_TORCH:-2.13.0}" -e ".[lmeval]"
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)

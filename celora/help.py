@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from celora.schema import CONF_DIR
 
 ROOT = CONF_DIR.parent
-PLAIN_NODES = ("fl", "client")  # the nodes of config.yaml whose keys are listed (the rest: a group's option)
+PLAIN_NODES = ("fl", "client", "export")  # the nodes of config.yaml whose keys are listed (the rest: a group's option)
 
 
 def register(program: str = "python -m celora") -> None:
@@ -166,7 +166,8 @@ def docs() -> list[tuple[str, str]]:
     for page in pages:
         if page.exists():
             title = next((ln.lstrip("# ").strip() for ln in page.read_text().splitlines() if ln.startswith("#")), "")
-            title = "start here: what celora is, the two commands, what comes out" if page.name == "README.md" else title
+            if page == ROOT / "README.md":
+                title = "start here: what celora is, the two commands, what comes out"
             out.append((page.relative_to(ROOT).as_posix(), title))
     return out
 

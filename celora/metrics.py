@@ -47,6 +47,31 @@ def objective(summary: dict, key: str | None = None) -> float | None:
     return last.get(key)
 
 
+def higher_is_better(key: str) -> bool | None:
+    """An accuracy is better higher, a loss or perplexity lower; None for a key that is neither."""
+    if key.endswith("acc") or "/acc_" in key:
+        return True
+    if key.endswith("loss") or key.endswith("ppl"):
+        return False
+    return None
+
+
+def best_round(rows: list[dict], key: str | None = None) -> int | None:
+    """The evaluated round where the objective (`optimized_metric`: a key, `best/<key>`, or None as in
+    `objective`) is best; the earliest on ties; None if no row has it."""
+    def value(row: dict):
+        if key is None:
+            found = [row.get(k) for k in ("global/acc", "personal/acc")]
+            return next((v for v in found if isinstance(v, (int, float)) and math.isfinite(v)), None)
+        v = row.get(key[len("best/"):] if key.startswith("best/") else key)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    name = "personal/acc" if key is None else key[len("best/"):] if key.startswith("best/") else key
+    sign = 1 if higher_is_better(name) is not False else -1
+    scored = [(sign * v, -r["round"], r["round"]) for r in rows if (v := value(r)) is not None]
+    return max(scored)[2] if scored else None
+
+
 def _clean(value):
     """NaN is not JSON: undefined metrics (e.g. global accuracy with private tensors) become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -59,9 +84,8 @@ def summarize(rows: list[dict]) -> dict:
     (a per-client list such as `personal/acc_by_client` has no best: it stays in `last`)."""
     best, best_round = {}, {}
     for key in rows[-1] if rows else ():
-        higher = key.endswith("acc") or "/acc_" in key
-        lower = key.endswith("loss") or key.endswith("ppl")
-        if not (higher or lower):
+        higher = higher_is_better(key)
+        if higher is None:
             continue
         vals = [(r[key], r["round"]) for r in rows if isinstance(r.get(key), (int, float))]
         if vals:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from celora.data.partition import label_counts, partition_summary
 from celora.files import atomic_write
 from celora.fl import checkpoint
-from celora.metrics import Metrics, Sink, summarize
+from celora.metrics import Metrics, Sink, best_round, summarize
 from celora.progress import logs_beside_bars
 from celora.validate import build
 from celora.world import World, build_world
@@ -37,7 +37,7 @@ def _run_dir(run_dir) -> Path:
 # Keys that change no number of a run: a checkpoint may be resumed under other values of these. `answers`
 # describes an option (celora.schema.METADATA); leaving it out keeps runs finished before it existed finished.
 NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric",
-                  "flower", "model.answers", "dataset.answers", "task.answers")
+                  "flower", "model.answers", "dataset.answers", "task.answers", "export")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -117,7 +117,8 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     metrics = Metrics(out, sink)
     summary: dict = {}
     try:
-        sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)
+        whole = OmegaConf.to_container(cfg, resolve=True)  # also what `python -m celora.export` rebuilds the run from
+        sink.log_config(whole, out)
         sim = world.simulation(recorder=metrics)
         before = 0.0  # seconds spent in earlier processes of this run
         if saved is not None:
@@ -129,15 +130,18 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
         t0 = time.perf_counter()
 
         def save(rnd: int) -> None:
+            best = best_round(metrics.rows, cfg.get("optimized_metric"))  # kept beside the newest two
             checkpoint.save(out / "checkpoints", rnd, {
                 "round": rnd, "config": config, "config_hash": checkpoint.fingerprint(config),
                 "simulation": sim.state_dict(), "metrics": metrics.rows,
-                "elapsed_s": before + time.perf_counter() - t0})
+                "elapsed_s": before + time.perf_counter() - t0, "run_config": whole},
+                keep=() if best is None else (best,))
 
         sim.run(on_round_end=save)
         summary = run_summary(metrics.rows, before + time.perf_counter() - t0, world)
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode())
         log_done(summary, out)
+        export_at_end(cfg, out)
     finally:
         sink.finish(summary)
     return summary
@@ -180,3 +184,19 @@ def log_done(summary: dict, out: Path) -> None:
     log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
              summary["time/total_s"], last.get("global/acc"), last["personal/acc"],
              last["comm/up_bytes_cum"] / 1e6, out)
+
+
+def export_at_end(cfg: DictConfig, out: Path) -> None:
+    """`export.at_end`: the finished run's models as `python -m celora.export` writes them (it reads the run dir
+    back, so both give the same folders). A failed export costs the run nothing: it is logged, the run's own
+    files stand, and the command can be run again."""
+    settings = cfg.get("export")
+    if not settings or not settings.get("at_end"):
+        return
+    from celora.errors import UserError
+    from celora.export.folders import export_run
+
+    try:
+        export_run(out, settings.round, settings.models, settings.format)
+    except UserError as e:
+        log.error("export.at_end: %s (the run itself finished; `python -m celora.export %s` exports it later)", e, out)

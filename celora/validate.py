@@ -26,7 +26,18 @@ from celora.tasks import Task
 
 Resume = Literal["auto", "never", "force"]
 RESUME_MODES = get_args(Resume)
-# The top-level keys and the plain node that no `_target_` declares (celora.schema reads the groups' own);
+@dataclass
+class ExportSettings:
+    """`export.*`: the models a run writes when it ends, as `python -m celora.export RUN_DIR` would (its options of
+    the same names); they change no number of the run."""
+
+    at_end: bool = False  # off: a run of 1,000 clients would write 1,000 small folders nobody asked for
+    format: Literal["peft", "merged"] = "peft"
+    models: str = "all"  # global | personal | all | client ids such as 0,3,7
+    round: str = "last"  # last | best | a round number
+
+
+# The top-level keys and the plain nodes that no `_target_` declares (celora.schema reads the groups' own);
 # None: a node checked where it is used (flower.*: celora.flower.settings).
 PLAIN = {
     "seed": Annotated[int, Range(ge=0)],
@@ -35,6 +46,7 @@ PLAIN = {
     "optimized_metric": str | None,
     "fl": FLConfig,
     "flower": None,
+    "export": ExportSettings,
 }
 
 

@@ -1,11 +1,13 @@
-"""Zero-shot answer accuracy of a causal LM on a fixed slice of dataset=rt_instruct (review-sentiment questions).
+"""Zero-shot answer accuracy of a causal LM on a fixed slice of dataset=rt_instruct (review-sentiment questions):
+one use of `python -m celora.evaluate`.
 
     .venv/bin/python scripts/llm_zero_shot.py                 # the embedded SmolLM2-135M-Instruct, 200 questions
     .venv/bin/python scripts/llm_zero_shot.py --model tiny_llama --n 20
 
-The questions are the first `n` rows of rt_instruct's held-out test split (seed 0), asked with the model's chat
-template as a run asks them; accuracy is option likelihood over {negative, positive} (task=instruct's default),
-scored as the evaluation of a run scores it.
+The same as `python -m celora.evaluate model=smollm2 dataset=rt_instruct model.max_length=512
+client.eval_batch_size=8 --rows 200`: the first `n` rows of rt_instruct's held-out test split (seed 0), asked with
+the model's chat template as a run asks them; accuracy is option likelihood over {negative, positive}
+(task=instruct's default), scored as the evaluation of a run scores it.
 """
 from __future__ import annotations
 
@@ -13,28 +15,21 @@ import argparse
 import json
 import time
 
-from celora.data.instruct import rt_instruct
-from celora.fl.evaluation import evaluate
-from celora.tasks.instruct import Instruct
+from celora.evaluate import prepare, score
 
 
 def zero_shot(model_name: str = "smollm2", n: int = 200, batch_size: int = 8) -> dict:
-    from celora.models import llm
-
     start = time.perf_counter()
-    backbone = getattr(llm, model_name)(max_length=512)
+    prepared = prepare(f"model={model_name}", ["dataset=rt_instruct", "model.max_length=512",
+                                                f"client.eval_batch_size={batch_size}"])
     loaded = time.perf_counter() - start
-    data = rt_instruct(**backbone.data_args(), seed=0)
-    if n > len(data.test):
-        raise ValueError(f"--n {n}: the test split has {len(data.test)} questions")
-    test = data.encoded("test")
-    positive = sum(test.classes[i] == data.label_names.index("positive") for i in range(n)) / n
-    task, model = Instruct("likelihood"), backbone.classifier(data.num_classes, seed=0)
-    start = time.perf_counter()
-    sums = evaluate(model, test, range(n), batch_size, backbone.collate(), task)
-    rates = task.rates(sums)
-    return {"model": model_name, "questions": n, "accuracy": rates["acc"], "answer_ppl": rates["ppl"],
-            "positive_share": positive, "load_s": round(loaded, 1), "score_s": round(time.perf_counter() - start, 1)}
+    test = prepared.sim.test_data
+    if n > len(test):
+        raise ValueError(f"--n {n}: the test split has {len(test)} questions")
+    positive = sum(test.classes[i] == 1 for i in range(n)) / n  # rt_instruct's classes: negative, positive
+    row = score(prepared, rows=n)
+    return {"model": model_name, "questions": n, "accuracy": row["global/acc"], "answer_ppl": row["global/ppl"],
+            "positive_share": positive, "load_s": round(loaded, 1), "score_s": round(row["time/eval_s"], 1)}
 
 
 if __name__ == "__main__":

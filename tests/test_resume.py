@@ -42,10 +42,10 @@ def _killed(cfg, run_dir, at_round):
     def child():
         save = checkpoint.save
 
-        def dying(directory, rnd, payload):
+        def dying(directory, rnd, payload, **kwargs):
             if rnd == at_round:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return save(directory, rnd, payload)
+            return save(directory, rnd, payload, **kwargs)
 
         checkpoint.save = dying  # in the child only
         run(cfg, run_dir=run_dir)

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,17 @@ def decode(data: bytes) -> dict:
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
 
 
-def save(directory: Path, rnd: int, payload: dict) -> Path:
-    """Writes round `rnd`'s checkpoint atomically, then deletes all but the newest KEEP."""
+def save(directory: Path, rnd: int, payload: dict, keep: Iterable[int] = ()) -> Path:
+    """Writes round `rnd`'s checkpoint atomically, then deletes all but the newest KEEP and the rounds in `keep`
+    (the run's best round, which `python -m celora.export --round best` reads)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = path_of(directory, rnd)
     atomic_write(path, encode(payload))
+    kept = set(keep)
     for old in rounds(directory)[KEEP:]:
-        path_of(directory, old).unlink(missing_ok=True)
+        if old not in kept:
+            path_of(directory, old).unlink(missing_ok=True)
     return path
 
 

@@ -42,6 +42,28 @@ class Backbone(Protocol):
 
     model_type: str  # transformers' config.model_type, or the family's own name: picks DEFAULT_TARGETS
     answers = "classes"  # what its model outputs score: "classes" (logits over labels) or "tokens" (a causal LM)
+    # The hub id or folder the weights were loaded from, as the user named it; None where the weights were made
+    # here (a random tiny model, a checkpoint converted from GGUF, a model shipped inside a package): an export
+    # then writes the base model once as a Hugging Face folder (celora.export).
+    source: str | None = None
+
+    @property
+    def pretrained(self) -> nn.Module | None:
+        """The Hugging Face model inside (a transformers PreTrainedModel, the module an adapter export is keyed
+        against and PEFT adapts); None for a network transformers does not know."""
+        return None
+
+    def save_pretrained(self, folder) -> None:
+        """Writes the backbone as a Hugging Face folder (weights, config, and the tokenizer where it has one),
+        loadable by transformers alone."""
+        model = self.pretrained
+        if model is None:
+            raise ConfigError(f"model_type={self.model_type!r} is not a Hugging Face model, so it has no folder "
+                              "format to export; export works for text encoders and causal LMs (docs/export.md)")
+        model.save_pretrained(folder)
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     @property
     def default_targets(self) -> list[str] | None:

@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from celora.errors import ConfigError
 from celora.models.backbone import Backbone
@@ -40,6 +41,11 @@ class HeadOnTop(Backbone):
     hidden_size: int
     model_type: str
     pooling: str = "mean"
+    source: str | None = None  # the hub id or folder it came from (Backbone.source)
+
+    @property
+    def pretrained(self) -> nn.Module | None:
+        return self.backbone if isinstance(self.backbone, PreTrainedModel) else None
 
     def classifier(self, num_classes: int, seed: int, label_names: list[str] | None = None) -> Classifier:
         """`label_names` are not needed by a linear head (a CLIP model's prompts use them)."""

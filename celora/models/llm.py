@@ -102,10 +102,14 @@ class CausalLM(Backbone):
 
     answers = "tokens"
 
-    def __init__(self, lm: nn.Module, tokenizer, max_length: int = 128):
-        self.lm, self.tokenizer, self.max_length = lm, tokenizer, max_length
+    def __init__(self, lm: nn.Module, tokenizer, max_length: int = 128, source: str | None = None):
+        self.lm, self.tokenizer, self.max_length, self.source = lm, tokenizer, max_length, source
         self.model_type = lm.config.model_type
         self.hidden_size = lm.config.hidden_size
+
+    @property
+    def pretrained(self) -> nn.Module:
+        return self.lm
 
     def data_args(self) -> dict:
         return {"tokenizer": self.tokenizer, "max_length": self.max_length}
@@ -131,14 +135,17 @@ def hf_causal_lm(path: str, tokenizer: str | None = None, max_length: Positive =
                  dropout: Dropout = None, **config) -> CausalLM:
     """Any causal LM from a local folder or (with a network) a hub id; `config` overrides its config."""
     lm = load_pretrained(path, AutoModelForCausalLM, AutoConfig, dtype, dropout, **config)
-    return CausalLM(lm.eval(), _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), max_length)
+    return CausalLM(lm.eval(), _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), max_length,
+                    source=path)
 
 
 def smollm2(max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,
             cache_dir: str | None = None, **config) -> CausalLM:
     """The embedded SmolLM2-135M-Instruct (LLaMA: 30 layers, hidden 576, 3 KV heads, vocabulary 49,152)."""
     folder = gguf_folder(smollm2_gguf(), cache_dir)
-    return hf_causal_lm(str(folder), max_length=max_length, dtype=dtype, dropout=dropout, **config)
+    model = hf_causal_lm(str(folder), max_length=max_length, dtype=dtype, dropout=dropout, **config)
+    model.source = None  # converted from the GGUF file into a cache: an export writes the base it adapts
+    return model
 
 
 def tiny_llama(seed: int = 0, max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,

@@ -54,15 +54,17 @@ def hf_text(path: str, pooling: Pooling = "mean", max_length: Positive = 64, tok
     """
     backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, **config)
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
-    return TextModel(backbone, backbone.config.hidden_size, backbone.config.model_type, pooling, tokenizer=tok,
-                     max_length=max_length)
+    return TextModel(backbone, backbone.config.hidden_size, backbone.config.model_type, pooling, source=path,
+                     tokenizer=tok, max_length=max_length)
 
 
 def minilm(pooling: Pooling = "mean", max_length: Positive = 64, dtype: Dtype = "fp32", dropout: Dropout = None,
            **config) -> TextModel:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; the rest as in hf_text."""
-    return hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, dtype=dtype, dropout=dropout,
-                   **config)
+    model = hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, dtype=dtype, dropout=dropout,
+                    **config)
+    model.source = None  # a folder inside an installed package, not one of the user's: an export writes it
+    return model
 
 
 def from_config(model_type: str, pooling: Pooling = "mean", max_length: Positive = 64, seed: int = 0,
