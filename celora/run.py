@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from celora.data.partition import label_counts, partition_summary
 from celora.files import atomic_write
 from celora.fl import checkpoint
+from celora.fl.engine import resolve
 from celora.metrics import Metrics, Sink, best_round, summarize
 from celora.progress import logs_beside_bars
-from celora.validate import build
+from celora.validate import build, declared_default
 from celora.world import World, build_world
 
 log = logging.getLogger("celora")
@@ -41,8 +42,13 @@ NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.c
 
 
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config without NOT_IN_RESULTS: what a checkpoint must match to be resumed."""
+    """The resolved config without NOT_IN_RESULTS: what a checkpoint must match to be resumed. The device is
+    the one `simulation.accelerator` picks here (auto: the GPU where there is one), so a run made with
+    `accelerator: cpu` is the same run as `auto` on a machine without a GPU, and another one on a GPU."""
     tree = OmegaConf.to_container(cfg, resolve=True)
+    simulation = tree.get("simulation")
+    if isinstance(simulation, dict) and simulation.get("accelerator") is not None:
+        simulation["accelerator"] = resolve(simulation["accelerator"])
     for key in NOT_IN_RESULTS:
         *path, last = key.split(".")
         node = tree
@@ -62,7 +68,7 @@ def resume_point(directory: Path, mode: str, config: dict) -> dict | None:
     saved = checkpoint.load_latest(directory)
     if saved is None or saved["config_hash"] == checkpoint.fingerprint(config):
         return saved
-    added = checkpoint.added_keys(saved["config"], config)
+    added = checkpoint.added_keys(saved["config"], config, lambda key: declared_default(config, key))
     if added is not None:
         log.warning("resuming a checkpoint from before the config had %s (read at their defaults)", ", ".join(added))
         return saved
@@ -173,7 +179,8 @@ def finished_before(out: Path, config: dict) -> dict | None:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    added = checkpoint.added_keys(summary["config"], config) if isinstance(summary.get("config"), dict) else None
+    added = (checkpoint.added_keys(summary["config"], config, lambda key: declared_default(config, key))
+             if isinstance(summary.get("config"), dict) else None)
     if added:
         log.warning("%s finished before the config had %s (read at their defaults)", out, ", ".join(added))
     return None if added is None else summary

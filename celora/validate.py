@@ -19,7 +19,7 @@ from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.engine import check_engine
 from celora.fl.wire import wire_dtype
 from celora.metrics import check_objective
-from celora.models.backbone import check_dropout, torch_dtype
+from celora.models.backbone import check_dropout, check_quantize, torch_dtype
 from celora.privacy.dp import Privacy
 from celora.schema import Range, make
 from celora.tasks import Task
@@ -48,6 +48,35 @@ PLAIN = {
     "flower": None,
     "export": ExportSettings,
 }
+
+
+def declared_default(config: dict, key: str):
+    """The default the code declares for a dotted key of a resolved config: the parameter default of its node's
+    `_target_`, or the field default of a plain node (PLAIN); checkpoint.UNSET where none is declared (a key a
+    loader passes on through **kwargs, a key of no node)."""
+    import dataclasses
+    import inspect
+
+    from celora.fl.checkpoint import UNSET
+
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return UNSET
+    if node.get("_target_"):
+        try:
+            found = schema.declared(node["_target_"]).default(leaf)
+        except Exception:  # noqa: BLE001  (a target that no longer imports declares nothing)
+            return UNSET
+        return UNSET if found is inspect.Parameter.empty else found
+    plain = PLAIN.get(path[0]) if len(path) == 1 else None
+    if dataclasses.is_dataclass(plain):
+        field = next((f for f in dataclasses.fields(plain) if f.name == leaf), None)
+        if field is not None and field.default is not dataclasses.MISSING:
+            return field.default
+    return UNSET
 
 
 @dataclass
@@ -116,6 +145,7 @@ def build(cfg: DictConfig) -> Parts:
     model = cfg.get("model", {})
     part("model", lambda: torch_dtype(model.get("dtype", "fp32")))
     part("model", lambda: check_dropout(model.get("dropout")))
+    part("model", lambda: check_quantize(model.get("quantize"), model.get("dtype", "fp32")))
 
     limit = cfg.get("dataset", {}).get("limit")
     if fl and "dataset" not in unfit and isinstance(limit, int) and 2 * fl.num_clients > limit:
@@ -143,6 +173,10 @@ def build(cfg: DictConfig) -> Parts:
         if privacy is not None and privacy.active:
             problems.append("adapter.init=lora_sb uploads each client's full-weight gradient in round 0, which "
                             "privacy=client does not cover; use privacy=none or another adapter.init")
+    if adapter is not None and adapter.init == "lora_sb" and model.get("quantize") is not None:
+        problems.append(f"adapter.init=lora_sb (Fed-SB) takes the gradient of the full weights W0, which a "
+                        f"model.quantize={model.get('quantize')} base holds packed, with no gradient of its own; use "
+                        "model.quantize=null, or adapter.init=svd (its A and B come from the dequantized W0)")
     if fl and fl.max_update_norm_ratio is not None and fl.clients_per_round < 3 and not (
             aggregator is not None and aggregator.pooled):
         problems.append(f"fl.max_update_norm_ratio compares each update with the round's median, which needs at "

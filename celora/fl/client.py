@@ -30,13 +30,16 @@ class Tokens:
 
 @dataclass
 class Fitting:
-    """How every local fit of a run goes: the task's loss, the optimiser, clipping, the device and precision."""
+    """How every local fit of a run goes: the task's loss, the optimiser, clipping, the device and precision,
+    the batches of a step and the round's rate (`lr_scale` times the optimiser's own: the schedule's factor)."""
 
     task: Task
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]  # params -> optimiser (Hydra `_partial_`)
     grad_clip: float | None = None
     engine: Engine = field(default_factory=Engine)  # the run's one Fabric: made once, shared by every fit
     tokens: Tokens = field(default_factory=Tokens)
+    grad_accum: int = 1  # batches whose gradients make one optimiser step
+    lr_scale: float = 1.0
 
 
 class LocalTraining(L.LightningModule):
@@ -49,6 +52,12 @@ class LocalTraining(L.LightningModule):
     Clipping is per client, and a client past its `steps` is masked: its tensors and its
     optimiser state stay as they were after its last step.
 
+    A step takes `grad_accum` = k batches (`steps` counts steps, so a client reads steps x k batches). It
+    equals one step on their rows together: each batch's loss is its summed loss over the count the whole
+    step's loss is a mean over (`Task.loss_count`: rows, or a causal LM's answer tokens, summed over the k
+    batches and known from them before the first forward pass), its gradients add up in `.grad`, and the
+    step is clipped once, after the k-th backward pass.
+
     `fit` drives it with the run's Lightning Fabric (`Engine`), not a `Trainer`: a Trainer made per
     fit costs its set-up inside every client of every round, and its teardown moves the whole
     module, backbone included, back to the CPU after each fit. Fabric is set up once per run and
@@ -60,7 +69,8 @@ class LocalTraining(L.LightningModule):
     def __init__(self, model: nn.Module, trainable: Iterable[str], task: Task,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                  steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None,
-                 tokens: Tokens | None = None, grad_clip: float | None = None):
+                 tokens: Tokens | None = None, grad_clip: float | None = None, grad_accum: int = 1,
+                 lr_scale: float = 1.0):
         super().__init__()
         self.tokens = tokens or Tokens()
         self.model = model
@@ -69,18 +79,30 @@ class LocalTraining(L.LightningModule):
         self.optimizer_factory = optimizer
         self.grad_clip = grad_clip
         self.steps = list(steps) if steps is not None else None  # None: not stacked
-        self.losses: list[torch.Tensor] = []
+        self.grad_accum, self.lr_scale = grad_accum, lr_scale
+        self.losses: list[torch.Tensor] = []  # [clients] a step: each client's loss of the step
+        self.parts: list[torch.Tensor] = []  # the same, of each batch of the step so far
         self.on_first_backward = on_first_backward  # sees the model's gradients once, before clipping
         self.active: torch.Tensor | None = None  # [steps, K] on the device: which clients still step
 
-    def training_step(self, batch, batch_idx):
-        per_client = self.task.loss(self.model, batch, clients=len(self.steps) if self.steps else 1)
-        self.losses.append(per_client.detach())
+    @property
+    def clients(self) -> int:
+        return len(self.steps) if self.steps else 1
+
+    def training_step(self, batch, step: int, total: torch.Tensor | None = None):
+        """The loss to differentiate of one batch of step `step`. total=None: each client's mean loss on
+        it (a step of one batch); else each client's summed loss over `total` ([clients]: its count in the
+        whole accumulated step), so the step's batches add up to its mean over all of them."""
+        if total is None:
+            per_client = self.task.loss(self.model, batch, clients=self.clients)
+        else:
+            per_client = self.task.loss_sum(self.model, batch, clients=self.clients) / total
+        self.parts.append(per_client.detach())
         if self.steps is None:
             return per_client[0]
-        return (per_client * self.active[batch_idx]).sum()
+        return (per_client * self.active[step]).sum()
 
-    def count_tokens(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def count_tokens(self, batch: dict[str, torch.Tensor], step: int) -> None:
         """The input tokens of the clients still stepping, counted on the host batch (no device read-back)."""
         mask = batch.get("attention_mask")
         if mask is None:
@@ -89,11 +111,14 @@ class LocalTraining(L.LightningModule):
             self.tokens.count += int(mask.sum())
         else:
             per_client = mask.reshape(len(self.steps), -1).sum(1)
-            self.tokens.count += int(sum(n for n, s in zip(per_client.tolist(), self.steps) if batch_idx < s))
+            self.tokens.count += int(sum(n for n, s in zip(per_client.tolist(), self.steps) if step < s))
 
     def configure_optimizers(self):
         params = [p for n, p in self.model.named_parameters() if n in self.trainable]
-        return self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(params)
+        for group in optimizer.param_groups:  # the round's rate (x 1.0 is exact: without a schedule, its own)
+            group["lr"] = group["lr"] * self.lr_scale
+        return optimizer
 
     def clip(self, engine: Engine, optimizer) -> None:
         """torch's clip_grad_norm_ over the trainable tensors, or per client for a stacked cohort."""
@@ -112,18 +137,24 @@ class LocalTraining(L.LightningModule):
             self.active = (t < torch.tensor(self.steps).unsqueeze(0)).to(engine.device)
         self.model.train()  # dropout is on while training
         try:
-            for batch_idx, batch in enumerate(batches):
-                self.count_tokens(batch, batch_idx)
+            for step, micro in enumerate(accumulated(batches, self.grad_accum)):
                 optimizer.zero_grad(set_to_none=True)
-                with engine.autocast():
-                    loss = self.training_step(engine.to_device(batch), batch_idx)
-                engine.fabric.backward(loss)
-                if self.on_first_backward is not None:
-                    self.on_first_backward(self.model)
-                    self.on_first_backward = None
-                if self.grad_clip:
+                # what the step's loss is a mean over, from its host batches: no device read-back
+                total = None if self.grad_accum == 1 else sum(
+                    self.task.loss_count(b, clients=self.clients) for b in micro).clamp_min(1).to(engine.device)
+                self.parts = []
+                for batch in micro:
+                    self.count_tokens(batch, step)
+                    with engine.autocast():
+                        loss = self.training_step(engine.to_device(batch), step, total)
+                    engine.fabric.backward(loss)
+                    if self.on_first_backward is not None:
+                        self.on_first_backward(self.model)
+                        self.on_first_backward = None
+                self.losses.append(sum(self.parts[1:], self.parts[0]))
+                if self.grad_clip:  # once a step, on the accumulated gradient
                     self.clip(engine, optimizer)
-                done = [k for k, s in enumerate(self.steps or []) if batch_idx >= s]
+                done = [k for k, s in enumerate(self.steps or []) if step >= s]
                 kept = client_slices(optimizer, done)
                 optimizer.step()
                 restore_slices(kept, done)
@@ -136,6 +167,18 @@ class LocalTraining(L.LightningModule):
         losses = torch.stack(self.losses).double().cpu()
         steps = self.steps or [len(losses)]
         return [losses[:s, k].mean().item() for k, s in enumerate(steps)]
+
+
+def accumulated(batches: Iterable[dict[str, torch.Tensor]], k: int):
+    """The batches in consecutive lists of k: one optimiser step each (a last, shorter list if they run out)."""
+    step = []
+    for batch in batches:
+        step.append(batch)
+        if len(step) == k:
+            yield step
+            step = []
+    if step:
+        yield step
 
 
 @torch.no_grad()
@@ -217,7 +260,8 @@ def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fi
     The optimiser state is fresh each round.
     """
     module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward,
-                           tokens=fitting.tokens, grad_clip=fitting.grad_clip)
+                           tokens=fitting.tokens, grad_clip=fitting.grad_clip, grad_accum=fitting.grad_accum,
+                           lr_scale=fitting.lr_scale)
     module.fit(fitting.engine, batches)
     return module.client_losses()[0]
 
@@ -232,7 +276,8 @@ def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[St
     """
     with stacked(model, states) as params:
         module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward,
-                               fitting.tokens, fitting.grad_clip)
-        module.fit(fitting.engine, CohortBatches(loaders, steps, pad_id))
+                               fitting.tokens, fitting.grad_clip, fitting.grad_accum, fitting.lr_scale)
+        # each client reads steps x grad_accum batches; one past its steps stays masked for all of a step's
+        module.fit(fitting.engine, CohortBatches(loaders, [s * fitting.grad_accum for s in steps], pad_id))
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]
     return module.client_losses(), finals

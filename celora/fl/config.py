@@ -4,14 +4,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
 
 from celora.errors import ConfigError
+from celora.schema import Range
 from celora.seeds import EVAL_CLIENTS
 
 ON_CLIENT_ERROR = ("skip", "raise")
+LrSchedule = Literal["constant", "cosine", "linear"]  # the client learning rate's shape over the rounds
+LR_SCHEDULES = get_args(LrSchedule)
+
+
+def lr_factor(rnd: int, rounds: int, schedule: LrSchedule = "constant", warmup_rounds: int = 0,
+              min_ratio: float = 0.0) -> float:
+    """The learning rate of round `rnd` (1-based, of `rounds`) as a multiple of the base rate.
+
+    Warmup: rnd / W for rnd <= W (W = warmup_rounds > 0; round W trains at the full rate). Then, with
+    p = (rnd - W) / (rounds - W) (0 at round W, 1 at the last round) and m = min_ratio:
+    constant 1; cosine m + (1 - m) (1 + cos(pi p)) / 2; linear m + (1 - m) (1 - p). So the last round
+    trains at m times the base rate, as FlowerTune's cosine over rounds does (W = 0, m = lrate_min / lrate_max).
+    """
+    if warmup_rounds and rnd <= warmup_rounds:
+        return rnd / warmup_rounds
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (rnd - warmup_rounds) / max(1, rounds - warmup_rounds))
+    shape = (1 + math.cos(math.pi * p)) / 2 if schedule == "cosine" else 1 - p
+    return min_ratio + (1 - min_ratio) * shape
 
 
 @dataclass
@@ -68,6 +90,10 @@ class ClientConfig:
     grad_clip: float | None = 1.0
     max_epochs: float | None = None  # caps a client's steps at this many passes over its data (small clients run fewer)
     val_fraction: float = 0.0  # > 0: this share of each client's local train is its validation split, scored instead of any test row
+    lr_schedule: LrSchedule = "constant"  # the rate over rounds (lr_factor); a round's optimiser starts at it
+    lr_warmup_rounds: Annotated[int, Range(ge=0)] = 0  # the rate rises linearly over these first rounds
+    lr_min_ratio: Annotated[float, Range(ge=0, le=1)] = 0.0  # cosine and linear end at this share of lr (last round)
+    grad_accum: Annotated[int, Range(ge=1)] = 1  # batches summed into each local step (local_steps x this drawn)
 
     def __post_init__(self):
         for key in ("local_steps", "batch_size", "eval_batch_size"):
@@ -82,9 +108,34 @@ class ClientConfig:
                              "e.g. 0.2 holds a fifth of each client's training rows out for validation")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ConfigError(f"client.max_epochs must be > 0 or null, got {self.max_epochs}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"client.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_warmup_rounds < 0:
+            raise ConfigError(f"client.lr_warmup_rounds must be >= 0, got {self.lr_warmup_rounds}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"client.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"client.grad_accum must be >= 1 (1: no accumulation), got {self.grad_accum}")
+        if self.scheduled and self.lr is None:
+            raise ConfigError(f"client.lr_schedule={self.lr_schedule} with client.lr_warmup_rounds="
+                             f"{self.lr_warmup_rounds} schedules client.lr, which is null; set client.lr")
 
     def steps(self, base: int, examples: int) -> int:
-        """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1)."""
+        """Local steps of a client with `examples` training examples: `base`, capped by max_epochs (at least 1).
+        A step takes grad_accum batches, so one epoch is examples / (batch_size x grad_accum) steps."""
         if self.max_epochs is None:
             return base
-        return max(1, min(base, math.floor(self.max_epochs * examples / self.batch_size)))
+        return max(1, min(base, math.floor(self.max_epochs * examples / (self.batch_size * self.grad_accum))))
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the rate moves over the rounds (else every round trains at the optimiser's own rate)."""
+        return self.lr_schedule != "constant" or self.lr_warmup_rounds > 0
+
+    def lr_factor(self, rnd: int, rounds: int) -> float:
+        """Round `rnd`'s rate over the base rate (lr_factor of this config's schedule)."""
+        return lr_factor(rnd, rounds, self.lr_schedule, self.lr_warmup_rounds, self.lr_min_ratio)
+
+    def lr_at(self, rnd: int, rounds: int) -> float | None:
+        """Round `rnd`'s learning rate: client.lr times the schedule's factor (logged as train/lr)."""
+        return None if self.lr is None else self.lr * self.lr_factor(rnd, rounds)

@@ -17,6 +17,13 @@ ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names
 
 
+def resolve(accelerator: str) -> str:
+    """The device an accelerator name picks on this machine: `gpu` or `cpu` (auto: the GPU where torch sees one)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "gpu"
+    return "cpu"
+
+
 def check_engine(accelerator: str, precision: str) -> None:
     """The accelerator and precision names, and what this machine can do with them."""
     if accelerator not in ACCELERATORS:
@@ -45,8 +52,8 @@ class Engine:
 
     def __init__(self, accelerator: str = "cpu", precision: str = "32-true"):
         check_engine(accelerator, precision)
-        self.accelerator, self.precision = accelerator, precision
-        self.fabric = L.Fabric(accelerator="cuda" if accelerator == "gpu" else accelerator, devices=1,
+        self.accelerator, self.precision = resolve(accelerator), precision
+        self.fabric = L.Fabric(accelerator="cuda" if self.accelerator == "gpu" else "cpu", devices=1,
                                precision=precision)
 
     @property

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ class Simulation:
         # accelerator, precision, progress and cohort_size are conf/simulation's keys (Hydra `_partial_`)
         self.cohorts = plan(cohort_size)
         self.engine = Engine(accelerator, precision)  # the run's one device and precision (one Fabric)
+        log.info("device %s, precision %s (simulation.accelerator=%s)", self.engine.device, precision, accelerator)
         self.engine.place(method.model)  # the backbone moves once, here, and stays
         self.method, self.data = method, data
         self.model, self.exchange, self.aggregator = method.model, method.exchange, method.aggregator
@@ -60,7 +62,8 @@ class Simulation:
         self.fl, self.client, self.seed, self.progress = fl, client, seed, progress
         self.recorder = recorder or Discard()
         self.num_classes = data.num_classes
-        self.fitting = Fitting(method.task, client.optimizer, client.grad_clip, self.engine)
+        self.fitting = Fitting(method.task, client.optimizer, client.grad_clip, self.engine,
+                               grad_accum=client.grad_accum)
         self.privacy = method.privacy
         self.participants = (Pooled if method.aggregator.pooled else Clients)(data.splits)
         self.clients, self.trainers = self.participants.clients, self.participants.trainers
@@ -129,8 +132,10 @@ class Simulation:
         return self.client.steps(base, len(self.trainers[i].train))
 
     def _batches(self, rnd: int, i: int):
-        return train_loader(self.train_data, self.trainers[i].train, self.client.batch_size, self.local_steps(i),
-                            derive_seed(self.seed, BATCHES, rnd, i), self.collate)
+        """Client i's batches of round rnd: grad_accum of them for each of its local steps."""
+        return train_loader(self.train_data, self.trainers[i].train, self.client.batch_size,
+                            self.local_steps(i) * self.client.grad_accum, derive_seed(self.seed, BATCHES, rnd, i),
+                            self.collate)
 
     def train_clients(self, rnd: int, cohort: list[int], received: dict[int, State]) -> list[tuple[float, State]]:
         """Local training of one cohort from what each client received; (mean loss, trained tensors) each."""
@@ -138,8 +143,10 @@ class Simulation:
         torch.manual_seed(derive_seed(self.seed, DROPOUT, rnd, cohort[0]))  # dropout, identical across runs
         check = None if self.gradients_checked else self.warn_silent_adapters
         self.gradients_checked = True
+        # the round's rate, set here on the clients' side (a Flower ClientApp trains through this method too)
+        fitting = replace(self.fitting, lr_scale=self.client.lr_factor(rnd, self.fl.rounds))
         return self.cohorts.train(self.model, self.exchange.trainable, starts, [self._batches(rnd, i) for i in cohort],
-                                  [self.local_steps(i) for i in cohort], self.fitting, self.collate.pad_id, check)
+                                  [self.local_steps(i) for i in cohort], fitting, self.collate.pad_id, check)
 
     def warn_silent_adapters(self, model: nn.Module) -> None:
         """Warns (once a run) of adapted modules whose trainable factors got no gradient in the first local
@@ -244,7 +251,9 @@ class Simulation:
             self.states.aggregated(result.global_state if ex.shared else None, result.personal)
             if result.weights is not None:
                 self.recorder.log_matrix("weights", rnd, result.ids, result.weights)
-        return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan,
+        # the round's client learning rate, where a schedule moves it (a constant one is client.lr)
+        rate = {"train/lr": self.client.lr_at(rnd, self.fl.rounds)} if self.client.scheduled else {}
+        return {"train/loss": float(np.mean([losses[i] for i in accepted])) if accepted else math.nan, **rate,
                 "comm/up_bytes": up, "comm/down_bytes": down, "fl/clients": len(sampled),
                 "fl/rejected_clients": len(sampled) - len(accepted), **dp_metrics, **throughput,
                 **self.wire_metrics(), "time/train_s": train_s, "time/server_s": time.perf_counter() - t1}

@@ -90,6 +90,10 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16} 
 Dtype = Literal["fp32", "fp64", "bf16"]  # the names of DTYPES
 Dropout = Annotated[float, Range(ge=0, lt=1), "null keeps the checkpoint's own dropout"] | None
 Positive = Annotated[int, Range(ge=1)]  # a length or a resolution
+# The frozen base's linear weights held in 4-bit NF4 (QLoRA) or 8-bit by bitsandbytes (the `quant` extra); the
+# adapters, the head and what is sent stay in the client dtype (fp32).
+Quantize = Literal["nf4", "int8"] | None
+QUANT_PIP = "pip install -e '.[quant]' (bitsandbytes; `make setup` installs it)"
 # Config keys of transformers models that hold a probability of dropping something while training:
 # dropout of activations and attention weights, GPT-2's *_pdrop, stochastic depth (drop_path_rate), layerdrop.
 _DROP_KEYS = ("dropout", "pdrop", "drop_path", "layerdrop")
@@ -132,9 +136,68 @@ def set_module_dropout(module: nn.Module, p: float | None) -> None:
             m.p = float(p)
 
 
-def load_pretrained(path: str, model_class, config_class, dtype: Dtype, dropout: Dropout, **config) -> nn.Module:
+def check_quantize(quantize: str | None, dtype: str = "fp32") -> None:
+    """model.quantize: a known kind, bitsandbytes installed, and a compute dtype bitsandbytes has kernels for."""
+    import importlib.util
+
+    if quantize is None:
+        return
+    if quantize not in ("nf4", "int8"):
+        raise ConfigError(f"model.quantize={quantize!r} must be nf4, int8 or null")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantize={quantize} needs bitsandbytes, which is not installed: {QUANT_PIP}; "
+                          "or model.quantize=null")
+    if dtype == "fp64":
+        raise ConfigError(f"model.quantize={quantize} computes in model.dtype, and bitsandbytes has no fp64 kernels: "
+                          "use model.dtype=fp32 (or bf16 on a GPU), or model.quantize=null")
+
+
+def quantization_config(quantize: str | None, dtype: str):
+    """transformers' BitsAndBytesConfig for `quantize` (None: no quantization), computing in `dtype`."""
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    check_quantize(quantize, dtype)
+    if quantize == "nf4":  # QLoRA: NF4 weights, double quantization of their scales
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch_dtype(dtype))
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _device_map() -> dict:
+    """Where bitsandbytes puts a quantized model: its weights are packed for one device when loaded."""
+    return {"": 0 if torch.cuda.is_available() else "cpu"}
+
+
+def with_memory_options(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """transformers' own gradient checkpointing, non-reentrant (the frozen backbone's inputs need no gradient
+    for it): activations are recomputed in the backward pass instead of kept, layer by layer.
+
+    A 4-bit layer of bitsandbytes (0.50) repacks its weights, on a CPU with AVX512-BF16, into an inference-only
+    layout the first time it runs without gradients (an evaluation), after which no gradient flows through it
+    (its gemv kernel has no autograd): a federated run evaluates between rounds of training, so the repacking
+    is switched off."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support gradient "
+                              "checkpointing in transformers; set model.gradient_checkpointing=false")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_pretrained(path: str, model_class, config_class, dtype: Dtype, dropout: Dropout,
+                    gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> nn.Module:
     """A transformers checkpoint from a local folder or (with a network) a hub id, its config overridden by
-    `config` (e.g. num_hidden_layers=2), every dropout set to `dropout` (not None), weights in `dtype`."""
+    `config` (e.g. num_hidden_layers=2), every dropout set to `dropout` (not None), weights in `dtype` (the
+    linear layers' frozen weights quantized by bitsandbytes with `quantize`), gradient checkpointing on with
+    `gradient_checkpointing`."""
     import os
     import re
 
@@ -142,16 +205,28 @@ def load_pretrained(path: str, model_class, config_class, dtype: Dtype, dropout:
         raise MissingFile(f"model.path={path!r} is neither a local folder nor a hub id (owner/name)")
     cfg = config_class.from_pretrained(path, **config)
     set_config_dropout(cfg, dropout)
-    model = model_class.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype))
+    quantized = quantization_config(quantize, dtype)
+    extra = {} if quantized is None else {"quantization_config": quantized, "device_map": _device_map()}
+    model = model_class.from_pretrained(path, config=cfg, dtype=torch_dtype(dtype), **extra)
     set_module_dropout(model, dropout)
-    return model
+    return with_memory_options(model, gradient_checkpointing)
 
 
-def random_init(build: Callable[[object], nn.Module], config, seed: int, dtype: Dtype, dropout: Dropout) -> nn.Module:
+def random_init(build: Callable[[object], nn.Module], config, seed: int, dtype: Dtype, dropout: Dropout,
+                gradient_checkpointing: bool = False, quantize: Quantize = None) -> nn.Module:
     """`build(config)` with seeded random weights (tiny configs for tests), every dropout set to `dropout`
-    (not None), weights in `dtype`."""
+    (not None), weights in `dtype`; `quantize` and `gradient_checkpointing` as in load_pretrained (a quantized
+    random model is built, then loaded back through bitsandbytes as a checkpoint is)."""
     set_config_dropout(config, dropout)
     torch.manual_seed(seed)
     model = build(config).to(torch_dtype(dtype))
     set_module_dropout(model, dropout)
-    return model
+    if quantize is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = type(model).from_pretrained(folder, dtype=torch_dtype(dtype), device_map=_device_map(),
+                                                quantization_config=quantization_config(quantize, dtype))
+        set_module_dropout(model, dropout)
+    return with_memory_options(model, gradient_checkpointing)

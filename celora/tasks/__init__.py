@@ -14,9 +14,9 @@ class Task(Protocol):
     A batch is a dict of tensors as the collator makes it (the inputs, and what the task needs to
     score them, e.g. `labels`). With `clients` = K > 1 its rows are K clients' equal blocks,
     client-major, and the model holds their K stacked states, so every quantity is per client: a
-    client's numbers depend on its own rows only. A new task implements `loss`, `scores` and
-    `features` (and `metrics` / `rates` if it reports more than accuracy and loss) and is named by a
-    YAML under conf/task/.
+    client's numbers depend on its own rows only. A new task implements `loss` (and `loss_sum` and
+    `loss_count`, which `client.grad_accum` > 1 needs), `scores` and `features` (and `metrics` /
+    `rates` if it reports more than accuracy and loss) and is named by a YAML under conf/task/.
     """
 
     answers = "classes"  # what it scores: "classes" (label logits) or "tokens" (a causal LM's answer tokens)
@@ -24,6 +24,16 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
         """[clients]: each client's mean loss over its rows (what its local steps minimise)."""
+        ...
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """[clients]: each client's summed loss, of which `loss` is the mean over `loss_count` (an accumulated
+        step divides the sums of its batches by their counts summed: the mean over all its rows)."""
+        ...
+
+    def loss_count(self, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """[clients]: what each client's loss is a mean over (rows; answer tokens), read from the batch alone,
+        so a step knows its count before any forward pass."""
         ...
 
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1,

@@ -22,6 +22,14 @@ class Classify(Task):
             return F.cross_entropy(logits, batch["labels"]).reshape(1)
         return F.cross_entropy(logits, batch["labels"], reduction="none").view(clients, -1).mean(1)
 
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+        return F.cross_entropy(widened(logits), batch["labels"], reduction="none").view(clients, -1).sum(1)
+
+    def loss_count(self, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """Rows: the loss is a mean over examples."""
+        return torch.full((clients,), len(batch["labels"]) // clients)
+
     def features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the head sees (the model's pooled features)."""
         return model.features(**{k: v for k, v in batch.items() if k != "labels"})

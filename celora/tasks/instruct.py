@@ -11,21 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from celora.data.batches import IGNORE, right_pad
+from celora.data.batches import IGNORE
 from celora.errors import ConfigError, InputError
 from celora.schema import Range
 from celora.tasks import Task
 from celora.tasks.classify import widened
+from celora.tasks.decoding import Prompts, decoder_pass, generate, option_logliks, prompts_of, run_prompts
 
 Accuracy = Literal["likelihood", "generate"]
 ACCURACY = get_args(Accuracy)
 
 
-def answer_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_token_losses(model: nn.Module, batch: dict[str, torch.Tensor],
+                        hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token cross-entropy [n], the row of each [n]) over every answer token of the batch. Position t's
-    hidden state predicts token t + 1, so only the positions before an answer token reach `lm_head`."""
+    hidden state predicts token t + 1, so only the positions before an answer token reach `lm_head`.
+    `hidden`: the batch's last hidden states when already computed."""
     labels = batch["labels"]
-    hidden = model.hidden(batch["input_ids"], batch["attention_mask"])
+    if hidden is None:
+        hidden = model.hidden(batch["input_ids"], batch["attention_mask"])
     targets = labels[:, 1:]
     where = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][where])
@@ -58,20 +62,11 @@ def cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
 def option_loglik(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]],
                   pad_id: int) -> torch.Tensor:
     """[prompts, most options]: the summed log-likelihood of each of a prompt's options (token ids; its own
-    list per prompt) after it; -inf where a prompt has fewer options (or an empty one)."""
-    pairs = [(k, j) for k, opts in enumerate(options) for j, o in enumerate(opts) if o]
-    out = torch.full((len(prompts), max(map(len, options))), -math.inf, dtype=torch.float64)
-    if not pairs:
-        return out
-    ids, mask = right_pad([prompts[k] + options[k][j] for k, j in pairs], pad_id)
-    labels, _ = right_pad([[IGNORE] * len(prompts[k]) + options[k][j] for k, j in pairs], IGNORE)
-    device = next(model.parameters()).device
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-    ce, row = answer_token_losses(model, batch)
-    ll = -per_row(ce.double(), row, len(pairs)).cpu()
-    rows, cols = zip(*pairs)
-    out[list(rows), list(cols)] = ll
-    return out
+    list per prompt) after it; -inf where a prompt has fewer options (or an empty one). Each prompt runs once,
+    its options from its KV cache (celora.tasks.decoding)."""
+    if not any(o for opts in options for o in opts):
+        return torch.full((len(prompts), max(map(len, options))), -math.inf, dtype=torch.float64)
+    return option_logliks(model, run_prompts(model, prompts, pad_id), options)
 
 
 def row_options(batch: dict[str, torch.Tensor]) -> list[list[list[int]]]:
@@ -116,6 +111,15 @@ class Instruct(Task):
         count = per_row(torch.ones_like(ce), client, clients)
         return total / count.clamp_min(1)
 
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """[clients]: each client's summed answer-token loss."""
+        ce, row = answer_token_losses(model, batch)
+        return per_row(ce, row // (len(batch["labels"]) // clients), clients)
+
+    def loss_count(self, batch: dict[str, torch.Tensor], clients: int = 1) -> torch.Tensor:
+        """[clients]: each client's answer tokens (the targets `answer_token_losses` covers)."""
+        return (batch["labels"][:, 1:] != IGNORE).reshape(clients, -1).sum(1)
+
     def features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen LM's last hidden state mean-pooled over the prompt (the positions that are no target)."""
         prompt = (batch["attention_mask"] == 1) & (batch["labels"] == IGNORE)
@@ -133,21 +137,28 @@ class Instruct(Task):
         `token_loss` (answer perplexity = exp(token_loss / tokens)), `correct`."""
         labels = batch["labels"]
         n = len(labels)
-        ce, row = answer_token_losses(model, batch)
+        ran = None
+        if self.accuracy == "likelihood" and "options" in batch:  # the rival options start from this forward's cache
+            hidden, cache = decoder_pass(model, batch["input_ids"], batch["attention_mask"])
+            ran = prompts_of(hidden, cache, prompt_lengths(batch))
+            ce, row = answer_token_losses(model, batch, hidden)
+        else:
+            ce, row = answer_token_losses(model, batch)
         tokens = per_row(torch.ones_like(ce, dtype=torch.float64), row, n).cpu()
         token_loss = per_row(ce.double(), row, n).cpu()
-        correct = self.correct(model, batch, answer_loglik=-token_loss).cpu()
+        correct = self.correct(model, batch, answer_loglik=-token_loss, ran=ran).cpu()
         valid = torch.ones(clients, n // clients, dtype=torch.bool) if valid is None else valid.cpu()
         v = valid.reshape(-1)
         by_client = lambda x: (x * v).view(clients, -1).sum(1)  # noqa: E731
         return {"examples": valid.sum(1), "loss": by_client(token_loss / tokens.clamp_min(1)),
                 "tokens": by_client(tokens), "token_loss": by_client(token_loss), "correct": by_client(correct)}
 
-    def correct(self, model: nn.Module, batch: dict[str, torch.Tensor],
-                answer_loglik: torch.Tensor | None = None) -> torch.Tensor:
+    def correct(self, model: nn.Module, batch: dict[str, torch.Tensor], answer_loglik: torch.Tensor | None = None,
+                ran: Prompts | None = None) -> torch.Tensor:
         """[rows] bool: whether each row's answer is found, by `accuracy`. `answer_loglik` ([rows], optional):
         the log-likelihood of each row's own answer, already known from scoring it, so likelihood accuracy
-        computes only the other options'."""
+        computes only the other options'; `ran` (optional): the rows' prompts already run (the batch's own
+        forward, with its KV cache), so the options need no prompt forward of their own."""
         prompts, answers = split_rows(batch)
         if self.accuracy == "likelihood":
             if "options" not in batch:
@@ -159,7 +170,11 @@ class Instruct(Task):
                 return torch.tensor([options[k][b] == a for k, (b, a) in enumerate(zip(best.tolist(), answers))])
             # the others' likelihoods; the answer is found when none of them is higher than its own
             others = [[o if o != a else [] for o in opts] for opts, a in zip(options, answers)]
-            rival = option_loglik(model, prompts, others, _pad(batch)).max(1).values
+            if not any(o for opts in others for o in opts):  # no rivals: found when listed
+                rival = torch.full((len(others),), -math.inf, dtype=torch.float64)
+            else:
+                ran = run_prompts(model, prompts, _pad(batch)) if ran is None else ran
+                rival = option_logliks(model, ran, others).max(1).values
             listed = torch.tensor([a in opts for opts, a in zip(options, answers)])
             return listed & (answer_loglik.cpu().double() >= rival)
         tok = self.tokenizer
@@ -177,6 +192,12 @@ def _pad(batch: dict[str, torch.Tensor]) -> int:
     return int(padded[0]) if len(padded) else 0
 
 
+def prompt_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[rows]: each row's prompt length (its first labelled position, as in split_rows), on the batch's device."""
+    labelled = batch["labels"] != IGNORE
+    return torch.where(labelled.any(1), labelled.int().argmax(1), batch["attention_mask"].sum(1))
+
+
 def split_rows(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
     """(prompts, answers) as token lists: a row's answer starts at its first labelled position."""
     prompts, answers = [], []
@@ -188,25 +209,7 @@ def split_rows(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[li
     return prompts, answers
 
 
-@torch.no_grad()
 def greedy(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos: int | None, pad_id: int) -> list[list[int]]:
-    """Greedy continuations of every prompt in one right-padded batch (so a stacked cohort's rows keep their
-    places), each cut at its first EOS. One full forward a step: evaluation batches are small."""
-    out = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        ids, mask = right_pad([p + o for p, o in zip(prompts, out)], pad_id)
-        device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = model.hidden(ids, mask)
-        last = hidden[torch.arange(len(ids), device=device), mask.sum(1) - 1]
-        nxt = model.lm_head(last).argmax(-1).tolist()
-        for k, t in enumerate(nxt):
-            if not done[k]:
-                if eos is not None and t == eos:
-                    done[k] = True
-                else:
-                    out[k].append(t)
-        if all(done):
-            break
-    return out
+    """Greedy continuations of every prompt, each cut at its first EOS: transformers' `generate` with the KV
+    cache over one left-padded batch, whose rows keep their places (a stacked cohort's client blocks)."""
+    return [cut_at_eos(g, eos) for g in generate(model, prompts, max_new_tokens, eos, pad_id)]
