@@ -16,6 +16,7 @@ from celora.schema import CONF_DIR
 
 ROOT = CONF_DIR.parent
 PLAIN_NODES = ("fl", "client", "export")  # the nodes of config.yaml whose keys are listed (the rest: a group's option)
+OPTION_GROUPS = ("model", "task", "simulation")  # the groups whose chosen option's commented keys are listed
 
 
 def register(program: str = "python -m celora") -> None:
@@ -53,6 +54,13 @@ def text(root: DictConfig | None = None, program: str = "python -m celora") -> s
         setting = f"  {key}={value}"
         lines.append(f"{setting.ljust(width)} {comment}".rstrip() if len(setting) < width else
                      f"{setting}  {comment}".rstrip())
+    chosen_keys = option_keys(chosen, root)
+    if chosen_keys:
+        lines += ["", f"Keys of this config's {', '.join(OPTION_GROUPS[:-1])} and {OPTION_GROUPS[-1]} options (e.g. model.quantize=nf4)"]
+        for key, value, comment in chosen_keys:
+            setting = f"  {key}={value}"
+            lines.append(f"{setting.ljust(width)} {comment}".rstrip() if len(setting) < width else
+                         f"{setting}  {comment}".rstrip())
     lines += ["", "Docs"]
     for path, title in docs():
         lines.append(f"  {path.ljust(26)} {title}")
@@ -145,6 +153,23 @@ def main_keys(root: DictConfig | None = None) -> list[tuple[str, str, str]]:
         elif node in PLAIN_NODES and value and not key.startswith("_"):
             out.append((f"{node}.{key}", value, short(comment or "")))
         comment_above = ""
+    if root is not None:
+        out = [(key, _raw(root, key, value), comment) for key, value, comment in out]
+    return out
+
+
+def option_keys(chosen: dict[str, str], root: DictConfig | None = None) -> list[tuple[str, str, str]]:
+    """(group.key, value, its comment) of every top-level key with a comment of the option `chosen` for each of
+    OPTION_GROUPS (`answers`, metadata, left out), the values as `root` has them where given."""
+    out = []
+    for group in OPTION_GROUPS:
+        path = CONF_DIR / group / f"{chosen.get(group)}.yaml"
+        if group not in chosen or not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            m = re.match(r"^(\w+):\s*([^#]*?)\s*#\s*(.*)$", line)
+            if m and m.group(1) != "answers":
+                out.append((f"{group}.{m.group(1)}", m.group(2), short(m.group(3))))
     if root is not None:
         out = [(key, _raw(root, key, value), comment) for key, value, comment in out]
     return out

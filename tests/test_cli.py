@@ -105,3 +105,8 @@ def test_help_lists_each_group_its_options_the_main_keys_and_the_docs(tmp_path):
                  "  fl.rounds=15", "  seed=0", "  client.batch_size=16", "  docs/llm.md", "  README.md"):
         assert line in page, line
     assert "attack" not in page and "hydra/" not in page and "common/" not in page  # a script's, Hydra's, a part
+    # the chosen options' commented keys, with this config's values (tiny_llama's, instruct's, sequential's)
+    for line in ("  model.quantize=null ", "  model.gradient_checkpointing=false", "  task.max_new_tokens=8 ",
+                 "  simulation.accelerator=auto "):
+        assert line in page, line
+    assert "  task.answers" not in page and "  model.answers" not in page

@@ -81,8 +81,10 @@ class LanguageModel(nn.Module):
         return self.lm.get_output_embeddings()
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, length, hidden]: the decoder's last hidden states (after its final norm)."""
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """[batch, length, hidden]: the decoder's last hidden states (after its final norm). No KV cache is built
+        (training and scoring need none; celora.tasks.decoding keeps one where it is reused)."""
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits [batch, length, vocabulary] (generation and checks; the tasks use `hidden` + `lm_head`)."""
