@@ -19,14 +19,17 @@ KEYS = (
 )
 
 
-# Present in the runs they concern: DP, and the metrics a task adds (a causal LM's answer perplexity) and its
+# Present in the runs they concern: DP, and the metrics a task adds (a causal LM's answer perplexity; a
+# classification benchmark's Matthews correlation or F1, task.extra_metrics, personal/* from the evaluated
+# clients' confusion counts pooled) and its
 # training throughput in tokens; the round's time in local training, on the server (screening, privacy,
 # aggregation) and in evaluation, on the rounds that have each; in a Flower run, Flower's own count of the
 # round's records (ArrayRecord.count_bytes(): celora's bytes plus the tensors' names, docs/flower.md); the
 # round's client learning rate where a schedule moves it (client.lr_schedule, client.lr_warmup_rounds).
 OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm", "privacy/stats_sigma",
             "global/ppl", "personal/ppl", "train/tokens", "train/lr", "time/train_tokens_per_s",
-            "time/train_s", "time/server_s", "time/eval_s", "comm/record_up_bytes", "comm/record_down_bytes")
+            "time/train_s", "time/server_s", "time/eval_s", "comm/record_up_bytes", "comm/record_down_bytes",
+            "global/mcc", "personal/mcc", "global/f1", "personal/f1")
 
 
 def check_objective(key: str | None) -> None:

@@ -81,6 +81,7 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
         splits = hold_out_validation(splits, labels, parts.client.val_fraction, cfg.seed)
         validation = np.concatenate([s.test for s in splits])
     check_answers(backbone, data, parts.task, cfg)
+    parts.task.for_data(getattr(data, "metrics", ()))
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:

@@ -122,6 +122,10 @@ def test_datasets_instantiate(name, tmp_path):
         csv = tmp_path / "reviews.csv"
         csv.write_text("text,label\n" + "".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(40)))
         extra += ["dataset.path=csv", f"dataset.data_files=[{csv}]", "dataset.split_test=null"]
+    elif name == "glue":  # GLUE's schema in a local folder laid out as the hub's repository
+        from test_glue import write_glue
+
+        extra += [f"dataset.path={write_glue(tmp_path / 'glue', 'sst2')}", f"dataset.cache_dir={tmp_path / 'cache'}"]
     elif name == "hf_image":
         from PIL import Image
 

