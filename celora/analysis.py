@@ -111,6 +111,8 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     df = pd.DataFrame([row for run in runs for row in load_run(run, root)])
     for key in KEYS:  # every schema key is a numeric column; null (undefined) metrics become NaN
         df[key] = pd.to_numeric(df[key], errors="coerce") if key in df else np.nan
+    for key in [c for c in df if benchmark_metric(c)]:  # and so is each eval set's and benchmark's metric
+        df[key] = pd.to_numeric(df[key], errors="coerce")
     unfinished = df.drop_duplicates("run").query("status != 'finished'")
     if len(unfinished):
         warnings.warn(f"{len(unfinished)} of {df['run'].nunique()} runs under {root} not finished: " + ", ".join(
@@ -188,12 +190,19 @@ def results(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     by = swept_keys(df) if by is None else by
     runs = per_run(df[df["status"] == "finished"])
     cols = {name: (col, scale) for name, (col, scale, _) in TABLE.items() if col in runs}
+    cols.update({f"{col} final": (col, 1) for col in runs if benchmark_metric(col)})
     runs = runs.assign(**{name: runs[col] * scale for name, (col, scale) in cols.items()})
     stats = aggregate(runs, by, list(cols))
     n = stats[[f"{name} n" for name in cols]].max(axis=1)  # runs in the group (a metric may be undefined)
     stats = stats.drop(columns=[f"{name} n" for name in cols])
     stats.insert(len(by), "n", n.astype(int))
     return stats
+
+
+def benchmark_metric(column: str) -> bool:
+    """A metric of an eval set (eval/<set>/...) or a benchmark's beside accuracy (GLUE's mcc, f1): a column of
+    the results table where the runs have it."""
+    return column.startswith("eval/") or column.split("/")[-1] in ("mcc", "f1") and "/" in column
 
 
 def run_time(runs: pd.DataFrame) -> str:

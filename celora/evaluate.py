@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -225,10 +225,14 @@ def _global_only(sim) -> dict:
     task = sim.fitting.task
     from celora.tensors import load
 
-    load(sim.model, sim.states.global_model())
+    state = sim.states.global_model()
+    load(sim.model, state)
     sums = evaluate(sim.model, sim.test_data, sim.test_rows, sim.client.eval_batch_size, sim.collate, task,
                     sim.engine)
-    return {f"global/{k}": v for k, v in task.rates(sums).items()}
+    out = {f"global/{k}": v for k, v in task.rates(sums).items()}
+    for scored in sim.data.eval_sets:  # eval_sets of the overrides: global only, as --rows is
+        out.update(sim.evaluate_set(replace(scored, personal=False), state))
+    return out
 
 
 def _clean(value):

@@ -32,9 +32,12 @@ OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm"
             "global/mcc", "personal/mcc", "global/f1", "personal/f1")
 
 
-def check_objective(key: str | None) -> None:
-    """optimized_metric must name a scalar of the schema, or best/<one>."""
+def check_objective(key: str | None, eval_sets: list[str] = ()) -> None:
+    """optimized_metric must name a scalar of the schema, or best/<one>, or a metric of one of `eval_sets`
+    (eval/<set>/<metric>, eval/<set>/personal/<metric>)."""
     name = key[len("best/"):] if key and key.startswith("best/") else key
+    if name and name.split("/")[0] == "eval" and len(name.split("/")) > 2 and name.split("/")[1] in eval_sets:
+        return
     if key is not None and name not in set(KEYS) - {"round"} | set(OPTIONAL):
         raise ConfigError(f"optimized_metric={key!r} is not a metric of the schema; use one of "
                          f"{[k for k in KEYS if k != 'round']}, or best/<one of them>, or null")
@@ -53,7 +56,7 @@ def objective(summary: dict, key: str | None = None) -> float | None:
 
 def higher_is_better(key: str) -> bool | None:
     """An accuracy is better higher, a loss or perplexity lower; None for a key that is neither."""
-    if key.endswith("acc") or "/acc_" in key:
+    if key.endswith(("acc", "mcc", "f1")) or "/acc_" in key or "/acc/" in key:
         return True
     if key.endswith("loss") or key.endswith("ppl"):
         return False

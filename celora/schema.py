@@ -251,6 +251,16 @@ def problems(cfg: DictConfig, plain: Mapping[str, Any]) -> list[Problem]:
     return found + ([Problem(None, mismatch)] if mismatch else [])
 
 
+def node_problems(node: DictConfig, path: str, cls: type) -> list[Problem]:
+    """The problems of a plain node `path` whose keys are the fields of `cls` (a dataclass), as `problems` finds
+    them for the nodes of PLAIN: unknown keys, values of another type, `_target_` nodes inside checked too."""
+    found: list[Problem] = []
+    refs: dict[str, str] = {}
+    _node(node, path, Declared.of(cls), found, refs)
+    bad = {p.key for p in found}
+    return [p for p in found if refs.get(p.key) not in bad]
+
+
 def _builds(node: DictConfig, key) -> bool:
     """Whether node[key] is a node with a `_target_` (read without resolving or failing on a ??? value)."""
     child = node._get_node(key)

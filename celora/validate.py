@@ -9,7 +9,7 @@ from typing import Annotated, Literal, get_args
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from celora import schema
+from celora import evalsets, schema
 from celora.adapters import AdapterConfig
 from celora.data.partition import Partition
 from celora.errors import ConfigError
@@ -47,7 +47,10 @@ PLAIN = {
     "fl": FLConfig,
     "flower": None,
     "export": ExportSettings,
+    "eval_sets": None,  # checked by celora.evalsets.check
 }
+# The defaults of the top-level keys that are no node's field (a run made before one existed is the same run).
+PLAIN_DEFAULTS = {"eval_sets": {}}
 
 
 def declared_default(config: dict, key: str):
@@ -60,6 +63,8 @@ def declared_default(config: dict, key: str):
     from celora.fl.checkpoint import UNSET
 
     *path, leaf = key.split(".")
+    if not path and leaf in PLAIN_DEFAULTS:
+        return PLAIN_DEFAULTS[leaf]
     node = config
     for part in path:
         node = node.get(part) if isinstance(node, dict) else None
@@ -141,7 +146,8 @@ def build(cfg: DictConfig) -> Parts:
     part("simulation", lambda: check_engine(cfg.simulation.get("accelerator", "cpu"),
                                             cfg.simulation.get("precision", "32-true")))
 
-    part("optimized_metric", lambda: check_objective(cfg.get("optimized_metric")))
+    part("optimized_metric", lambda: check_objective(cfg.get("optimized_metric"), list(cfg.get("eval_sets") or {})))
+    problems += evalsets.check(cfg)
     model = cfg.get("model", {})
     part("model", lambda: torch_dtype(model.get("dtype", "fp32")))
     part("model", lambda: check_dropout(model.get("dropout")))

@@ -6,7 +6,7 @@ client's rows are identical everywhere without being sent (one 64-bit seed stand
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from celora import schema
+from celora import evalsets, schema
 from celora.adapters import adapter_layers, inject
 from celora.data import load
 from celora.data.partition import ClientSplit, hold_out_validation
@@ -37,6 +37,7 @@ class World:
     model: nn.Module
     exchange: Exchange
     validation: np.ndarray | None = None  # a tuning run's pooled validation rows of data.train (client.val_fraction)
+    eval_sets: list = field(default_factory=list)  # celora.evalsets.EvalSet: scored beside the test rows
 
     def simulation(self, cls=None, **kwargs):
         """The run's Simulation (or `cls`, a subclass of it, with the same bound config) over this world; kwargs
@@ -56,7 +57,7 @@ class World:
         clients' pooled ones)."""
         train = self.data.encoded("train")
         test, rows = (self.data.encoded("test"), None) if self.validation is None else (train, self.validation)
-        return RunData(train, test, self.splits, self.backbone.collate(), self.data.num_classes, rows)
+        return RunData(train, test, self.splits, self.backbone.collate(), self.data.num_classes, rows, self.eval_sets)
 
     def param_counts(self) -> dict:
         params = dict(self.model.named_parameters())
@@ -81,7 +82,7 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
         splits = hold_out_validation(splits, labels, parts.client.val_fraction, cfg.seed)
         validation = np.concatenate([s.test for s in splits])
     check_answers(backbone, data, parts.task, cfg)
-    parts.task.for_data(getattr(data, "metrics", ()))
+    parts.task.bind(backbone, data)
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
     if not targets:
@@ -89,7 +90,8 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     # The one 64-bit seed the server sends: every client rebuilds identical frozen factors from it.
     inject(model, adapter, targets, seed=derive_seed(cfg.seed, FROZEN_FACTORS))
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
-    return World(cfg, parts, backbone, data, splits, model, exchange, validation)
+    sets = evalsets.load(cfg, backbone, data, cfg.seed)
+    return World(cfg, parts, backbone, data, splits, model, exchange, validation, sets)
 
 
 def check_answers(backbone, data, task, cfg) -> None:

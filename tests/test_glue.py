@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -169,10 +170,10 @@ def test_mcc_and_f1_from_summed_confusion_counts_equal_scikit_learn(classes):
 def test_metrics_follow_the_dataset_unless_named():
     task = Classify()
     assert task.metrics == ("acc", "loss")
-    task.for_data(("mcc",))
+    task.bind(None, SimpleNamespace(metrics=("mcc",)))
     assert task.metrics == ("acc", "loss", "mcc")
     named = Classify(["f1"])
-    named.for_data(("mcc",))
+    named.bind(None, SimpleNamespace(metrics=("mcc",)))
     assert named.metrics == ("acc", "loss", "f1")
     assert Classify().rates({"examples": 2, "loss": 1.0, "correct": 1}) == {"acc": 0.5, "loss": 0.5}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ from torch import nn
 
 from celora.data.batches import Collate, Encoded, eval_batches, eval_order
 from celora.fl.engine import Engine, autocast
-from celora.tasks import Task
+from celora.tasks import Task, subjects
 from celora.tasks.classify import Classify
 
 
@@ -23,7 +23,7 @@ def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size
              task: Task | None = None, engine: Engine | None = None, advance: Advance | None = None) -> Sums:
     """The task's scores (default: classification) summed over `indices` on the engine's device and precision
     (default: where the model is, in its own dtype); `task.rates` makes metrics of them. The sums stay on
-    the device until the last batch."""
+    the device until the last batch; sums per subject are named by the rows' subjects (`named`)."""
     task = task or Classify()
     model.eval()
     device = next(model.parameters()).device
@@ -34,7 +34,7 @@ def evaluate(model: nn.Module, data: Encoded, indices: Sequence[int], batch_size
                 sums[name] = sums.get(name, 0) + value[0].to(device, torch.float64)
             if advance is not None:
                 advance(len(next(iter(batch.values()))))
-    return {name: value.item() for name, value in sums.items()} or {"examples": 0}
+    return named({name: value.item() for name, value in sums.items()}, data) or {"examples": 0}
 
 
 @torch.no_grad()
@@ -67,7 +67,23 @@ def evaluate_cohort(model: nn.Module, data: Encoded, indices: Sequence[Sequence[
         if advance is not None:
             advance(int(valid.sum()))
     host = {name: value.tolist() for name, value in sums.items()}  # one read-back for the cohort
-    return [{name: value[c] for name, value in host.items()} for c in range(k)]
+    return [named({name: value[c] for name, value in host.items()}, data) for c in range(k)]
+
+
+def named(sums: Sums, data: Encoded) -> Sums:
+    """Sums per subject id named by the rows' subjects, with their categories' (rows with a `subject`, e.g. a
+    multiple-choice benchmark's: celora.tasks.subjects); other rows' sums as they are."""
+    names = getattr(data, "subject_names", None)
+    return sums if names is None else subjects.named(sums, names, data.categories)
+
+
+def add(parts: Iterable[Sums]) -> Sums:
+    """Summed scores of several evaluations (of other rows, or other models) as one."""
+    out: Sums = {}
+    for sums in parts:
+        for name, value in sums.items():
+            out[name] = out.get(name, 0.0) + value
+    return out
 
 
 def personal_summary(accs: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:

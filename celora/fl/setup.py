@@ -31,9 +31,23 @@ class Method:
 
 
 @dataclass
+class EvalSet:
+    """A loaded evaluation set: its scored rows (per split of its data: the encoded split and its row numbers), the
+    task that scores them, and whether clients' own models score them too."""
+
+    name: str
+    parts: list[tuple[Encoded, Sequence[int]]]
+    task: Task
+    personal: bool = False
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.parts)
+
+
+@dataclass
 class RunData:
     """The rows a run reads: the encoded train and test data, each client's split of the train rows, the global
-    evaluation's rows of `test` (None: all of them) and how rows become batches."""
+    evaluation's rows of `test` (None: all of them), how rows become batches, and the eval sets."""
 
     train: Encoded
     test: Encoded
@@ -41,6 +55,7 @@ class RunData:
     collate: Collate
     num_classes: int = 2
     test_rows: Sequence[int] | None = None
+    eval_sets: Sequence[EvalSet] = ()  # other data scored at every evaluation (celora.evalsets)
 
 
 class Recorder(Protocol):

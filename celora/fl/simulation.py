@@ -21,9 +21,9 @@ from celora.fl.cohorts import plan
 from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.data_stats import Collected, collect
 from celora.fl.engine import Engine
-from celora.fl.evaluation import Advance, evaluate, personal_summary
+from celora.fl.evaluation import Advance, add, evaluate, personal_summary
 from celora.fl.participants import Clients, Pooled
-from celora.fl.setup import Discard, Method, Recorder, RunData
+from celora.fl.setup import Discard, EvalSet, Method, Recorder, RunData
 from celora.fl.states import ModelStates
 from celora.fl.wire import SEED_BYTES, Payload
 from celora.progress import bar
@@ -335,6 +335,7 @@ class Simulation:
         bs, task, out = self.client.eval_batch_size, self.fitting.task, {}
         state = self.states.global_model()
         rows = (len(self.test_rows) if state is not None else 0) + sum(len(self.clients[i].test) for i in self.evaluated)
+        rows += sum(len(s) * ((state is not None) + s.personal * len(self.evaluated)) for s in self.data.eval_sets)
         with bar(rows, "evaluation", self.progress, unit="row") as rows_done:
             if state is not None:  # one model: evaluated on its own tensors in either grouping
                 load(self.model, state)
@@ -344,6 +345,8 @@ class Simulation:
             else:
                 out.update({f"global/{k}": math.nan for k in task.metrics})
             results = list(self.personal_sums(self.evaluated, rows_done.update).values())
+            for scored in self.data.eval_sets:
+                out.update(self.evaluate_set(scored, state, rows_done.update))
         rates = [task.rates(r) for r in results]
         accs, sizes = [r["acc"] for r in rates], [r.get("examples", 0) for r in results]
         out.update(personal_summary(accs, sizes))
@@ -352,6 +355,30 @@ class Simulation:
         out.update({f"personal/{k}": v for k, v in task.rates(pooled).items() if k not in ("acc", "loss")})
         out["personal/acc_by_client"] = accs
         out["personal/clients"] = len(results)
+        return out
+
+    def evaluate_set(self, scored: EvalSet, state: State | None, advance: Advance | None = None) -> dict:
+        """eval/<set>/<metric> of the global model (NaN where there is no one model) and, for a `personal` set,
+        eval/<set>/personal/<metric> of the evaluated clients' own models, their scores pooled (each client scores
+        every row of the set, so a pooled accuracy is the clients' mean)."""
+        task, bs, prefix = scored.task, self.client.eval_batch_size, f"eval/{scored.name}"
+        fitting = replace(self.fitting, task=task)
+        out = {}
+        if state is not None:
+            load(self.model, state)
+            sums = add(evaluate(self.model, data, rows, bs, self.collate, task, self.engine, advance)
+                       for data, rows in scored.parts)
+            out.update({f"{prefix}/{k}": v for k, v in task.rates(sums).items()})
+        else:
+            out.update({f"{prefix}/{k}": math.nan for k in task.metrics})
+        if scored.personal:
+            pooled = {}
+            for cohort in self.cohorts.groups(self.evaluated):
+                states = [self.personal_state(i) for i in cohort]
+                for data, rows in scored.parts:
+                    pooled = add([pooled, *self.cohorts.evaluate(self.model, fitting, data, states, [rows] * len(cohort),
+                                                                bs, self.collate, advance)])
+            out.update({f"{prefix}/personal/{k}": v for k, v in task.rates(pooled).items()})
         return out
 
     def personal_sums(self, ids: list[int], advance: Advance | None = None) -> dict[int, dict[str, float]]:

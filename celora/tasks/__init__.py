@@ -47,9 +47,9 @@ class Task(Protocol):
         """[rows, d]: what the data statistics summarise of each row, from the model as it stands."""
         ...
 
-    def for_data(self, declared: tuple[str, ...]) -> None:
-        """Told, once the data is loaded, the metrics its benchmark reports (e.g. GLUE CoLA's `mcc`); a task that
-        computes them adds them to `metrics`, the others ignore it."""
+    def bind(self, backbone, data) -> None:
+        """Told the run's loaded model (a `Backbone`) and data before anything is trained or scored; a task takes
+        what it needs of them (Instruct the tokenizer, Classify the metrics the data's benchmark reports)."""
 
     def rates(self, sums: dict[str, float]) -> dict[str, float]:
         """The metrics of summed scores (one client's, or pooled): accuracy and mean loss per example (0 where

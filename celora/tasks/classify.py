@@ -31,10 +31,10 @@ class Classify(Task):
         self.extra_metrics = extra_metrics
         self.extra: tuple[str, ...] = () if extra_metrics == "auto" else tuple(extra_metrics)
 
-    def for_data(self, declared: tuple[str, ...]) -> None:
+    def bind(self, backbone, data) -> None:
         """With `extra_metrics: auto`, report what the loaded data declares (`TextData.metrics`)."""
         if self.extra_metrics == "auto":
-            self.extra = tuple(declared)
+            self.extra = tuple(getattr(data, "metrics", ()))
 
     @property
     def metrics(self) -> tuple[str, ...]:
