@@ -111,12 +111,17 @@ def _text_args():
 def test_datasets_instantiate(name, tmp_path):
     from celora.data import load
 
-    instruct = name in ("rt_instruct", "party_instruct", "instruct_mix", "hf_instruct")  # causal LMs' data
+    instruct = name in ("rt_instruct", "party_instruct", "instruct_mix", "hf_instruct", "multiple_choice")  # LLMs' data
     extra = [f"dataset.cache_dir={tmp_path / 'cache'}"] if name in ("hf", "rotten_tomatoes", "hf_image") or instruct else []
     image = name in ("mnist", "fashion_mnist", "digits", "hf_image")
     if name == "hf_instruct":
         rows = tmp_path / "alpaca.jsonl"
         rows.write_text("".join(f'{{"instruction": "Say {i}.", "input": "", "output": "{i}"}}\n' for i in range(40)))
+        extra += ["dataset.path=json", f"dataset.data_files=[{rows}]"]
+    elif name == "multiple_choice":  # MMLU's schema, two subjects
+        rows = tmp_path / "mmlu.jsonl"
+        rows.write_text("".join(f'{{"question": "{i} + 1?", "choices": ["{i}", "{i + 1}"], "answer": 1, '
+                                f'"subject": "{("algebra", "arithmetic")[i % 2]}"}}\n' for i in range(40)))
         extra += ["dataset.path=json", f"dataset.data_files=[{rows}]"]
     elif name == "hf":
         csv = tmp_path / "reviews.csv"
@@ -144,7 +149,8 @@ def test_datasets_instantiate(name, tmp_path):
     else:
         args = {"image_size": 16} if image else _text_args()
     data = load(loader, args, seed=0)
-    classes = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "instruct_mix": 4, "hf_instruct": 1}
+    classes = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "instruct_mix": 4, "hf_instruct": 1,
+               "multiple_choice": 2}
     assert data.num_classes == classes.get(name, 2) and data.answers == ("tokens" if instruct else "classes")
     assert len(data.train) > len(data.test) > 0 and len(data.label_names) == data.num_classes
     rows = data.encoded("train")

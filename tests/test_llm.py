@@ -356,7 +356,7 @@ def test_a_causal_lm_on_a_classification_run_is_refused_with_the_reason(compose_
     # the task follows the model (instruct), the dataset does not: the options that would agree are named
     with pytest.raises(ValueError, match=r"model=tiny_llama answers in tokens, dataset=rotten_tomatoes answers in "
                                          r"classes, task=instruct answers in tokens: they must agree .* use "
-                                         r"dataset=hf_instruct, instruct_mix, party_instruct or rt_instruct"):
+                                         r"dataset=hf_instruct, instruct_mix, multiple_choice, party_instruct or rt_instruct"):
         run(compose_cfg("+debug=tiny", "model=tiny_llama"), run_dir=tmp_path / "a")
     with pytest.raises(ValueError, match=r"task=instruct answers in tokens: .* use task=classify"):
         run(compose_cfg("+debug=tiny", "task=instruct"), run_dir=tmp_path / "b")

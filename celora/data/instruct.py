@@ -3,7 +3,8 @@ file, chat-templated and tokenised so that only the answer's tokens are targets.
 
 Every row also keeps a class (`label`: its answer in a closed label set, or one class "all" for open answers)
 and a `task` id, so partitions, label counts and the data statistics work on instruction data as they do on
-labelled data; `options` holds each task's closed answer set, for option-likelihood accuracy.
+labelled data; `options` holds each task's closed answer set, for option-likelihood accuracy (a row may
+carry its own, `options`, as a multiple-choice question does: celora/data/multiple_choice.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -46,12 +48,14 @@ SENTENCE_WORDS = (8, 40)  # a convention sentence is kept when it has this many 
 SENTINEL = "\x00"
 # Without a chat template (a base model's tokenizer) the prompt is Alpaca's.
 PLAIN = ("### Instruction:\n", "\n\n### Response:\n")
+Cut = Literal["end", "start"]  # which end of a prompt's user text is cut when it does not fit model.max_length
 
 
 @dataclass
 class InstructData:
     """Tokenised train and test splits of (prompt, answer) rows: `input_ids` (prompt then answer then EOS) and
-    `targets` (the answer's ids, IGNORE on the prompt); `label` is each row's class, `task` its task."""
+    `targets` (the answer's ids, IGNORE on the prompt); `label` is each row's class, `task` its task, and where
+    the rows have them `option_ids` (a row's own options) and `subject` (what accuracy is broken down by)."""
 
     answers = "tokens"
 
@@ -60,14 +64,16 @@ class InstructData:
     num_classes: int
     label_names: list[str]
     options: list[list[list[int]]] | None  # per task: its closed answer set as token ids; None: open answers
+    categories: dict[str, list[str]] | None = None  # category -> its subjects: accuracy per category too
 
     def encoded(self, split: str) -> AnswerRows:
-        return AnswerRows(getattr(self, split), self.options)
+        return AnswerRows(getattr(self, split), self.options, self.categories)
 
 
 class ChatFormat:
     """A prompt as the model's chat template frames one user turn (then the assistant's turn begins), the
-    answer as its tokens then EOS. A prompt too long for `max_length` loses the end of its user text."""
+    answer as its tokens then EOS. A prompt too long for `max_length` loses the end of its user text (or, with
+    `cut="start"`, its start: a multiple-choice question keeps its choices and "Answer:")."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -89,10 +95,11 @@ class ChatFormat:
     def answer(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids + [self.eos]
 
-    def rows(self, prompts: list[str], answers: list[str], max_length: int) -> tuple[list, list, list, list[int]]:
+    def rows(self, prompts: list[str], answers: list[str], max_length: int,
+             cut: Cut = "end") -> tuple[list, list, list, list[int]]:
         """(input_ids, targets, whether each prompt was cut, rows whose answer leaves no room for a prompt)."""
         content = self.tokenizer(prompts, add_special_tokens=False).input_ids
-        ids, targets, cut, too_long = [], [], [], []
+        ids, targets, was_cut, too_long = [], [], [], []
         frame = len(self.before) + len(self.after)
         for k, (c, text) in enumerate(zip(content, answers)):
             a = self.answer(text)
@@ -100,20 +107,23 @@ class ChatFormat:
             if room < 1:
                 too_long.append(k)
                 room = 1
-            cut.append(len(c) > room)
-            prompt = self.before + c[:room] + self.after
+            was_cut.append(len(c) > room)
+            prompt = self.before + (c[:room] if cut == "end" else c[-room:]) + self.after
             ids.append(prompt + a)
             targets.append([IGNORE] * len(prompt) + a)
-        return ids, targets, cut, too_long
+        return ids, targets, was_cut, too_long
 
 
-def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int, options: list[list[str]] | None,
-               source: str) -> InstructData:
-    """Adds `input_ids` and `targets` to every split (cached by `datasets`); refuses answers that do not fit."""
+def tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int, options: list[list[str]] | None,
+              source: str, cut: Cut = "end") -> InstructData:
+    """Adds `input_ids` and `targets` to every split (cached by `datasets`), and `option_ids` where rows carry
+    their own `options` (strings, tokenised as answers); refuses answers that do not fit. `cut`: which end of a
+    prompt too long for `max_length` is cut."""
     fmt = ChatFormat(tokenizer)
+    own_options = "options" in dd["train"].column_names
 
     def tokenize(batch, indices):
-        ids, targets, cut, too_long = fmt.rows(list(batch["prompt"]), list(batch["answer"]), max_length)
+        ids, targets, was_cut, too_long = fmt.rows(list(batch["prompt"]), list(batch["answer"]), max_length, cut)
         if too_long:
             rows = [indices[k] for k in too_long]
             longest = max(len(fmt.answer(batch["answer"][k])) for k in too_long)
@@ -121,10 +131,14 @@ def _tokenised(dd: datasets.DatasetDict, tokenizer, max_length: int, options: li
                 f"{source}: the answers of rows {rows[:5]}{' ...' if len(rows) > 5 else ''} take up to {longest} "
                 f"tokens, which with the chat template's {len(fmt.before) + len(fmt.after)} leave no room for a "
                 f"prompt within model.max_length={max_length}. Raise model.max_length, or shorten or drop those rows.")
-        return {"input_ids": ids, "targets": targets, "prompt_cut": cut}
+        out = {"input_ids": ids, "targets": targets, "prompt_cut": was_cut}
+        if own_options:
+            out["option_ids"] = [[fmt.answer(o) for o in opts] for opts in batch["options"]]
+        return out
 
+    key = (fmt.key, max_length, _CACHE_VERSION) + ((cut,) if cut != "end" else ())  # the cuts made before, same key
     out = {split: ds.map(tokenize, batched=True, with_indices=True, desc=f"tokenise {split}",
-                         new_fingerprint=Hasher.hash((ds._fingerprint, fmt.key, max_length, _CACHE_VERSION)))
+                         new_fingerprint=Hasher.hash((ds._fingerprint, *key)))
            for split, ds in dd.items()}
     for split, ds in out.items():
         n = int(np.sum(ds["prompt_cut"][:]))
@@ -142,7 +156,7 @@ def _questions(ds: datasets.Dataset, question: str, answers: list[str], task: in
                   batched=True, keep_in_memory=True)
 
 
-def _root(cache_dir: str | None) -> Path:
+def cache_root(cache_dir: str | None) -> Path:
     return Path(cache_dir or default_cache_dir())
 
 
@@ -164,8 +178,8 @@ def rt_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: TestFra
         return train_and_test([_questions(take(reviews, limit, seed), RT_QUESTION, RT_ANSWERS, 0)], None,
                               test_fraction, seed)
 
-    return _tokenised(cached(_root(cache_dir), f"rt_instruct-{key}", build), tokenizer, max_length,
-                      [RT_ANSWERS], "dataset=rt_instruct")
+    return tokenised(cached(cache_root(cache_dir), f"rt_instruct-{key}", build), tokenizer, max_length,
+                     [RT_ANSWERS], "dataset=rt_instruct")
 
 
 def party_source() -> Path:
@@ -208,8 +222,8 @@ def party_instruct(*, tokenizer, max_length: int, seed: int, test_fraction: Test
         sentences = take(convention_sentences(source), limit, seed)
         return train_and_test([_questions(sentences, PARTY_QUESTION, PARTY_ANSWERS, 0)], None, test_fraction, seed)
 
-    return _tokenised(cached(_root(cache_dir), f"party_instruct-{key}", build), tokenizer, max_length,
-                      [PARTY_ANSWERS], "dataset=party_instruct")
+    return tokenised(cached(cache_root(cache_dir), f"party_instruct-{key}", build), tokenizer, max_length,
+                     [PARTY_ANSWERS], "dataset=party_instruct")
 
 
 def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: Limit = 1000,
@@ -237,8 +251,8 @@ def instruct_mix(*, tokenizer, max_length: int, seed: int, limit: Limit = 1000,
         both = datasets.concatenate_datasets(parts)
         return train_and_test([both], None, test_fraction, seed)
 
-    return _tokenised(cached(_root(cache_dir), f"instruct_mix-{key}", build), tokenizer, max_length,
-                      [RT_ANSWERS, PARTY_ANSWERS], "dataset=instruct_mix")
+    return tokenised(cached(cache_root(cache_dir), f"instruct_mix-{key}", build), tokenizer, max_length,
+                     [RT_ANSWERS, PARTY_ANSWERS], "dataset=instruct_mix")
 
 
 # ---------------------------------------------------------------- a user's Alpaca-format data
@@ -295,5 +309,5 @@ def hf_instruct(*, tokenizer, max_length: int, seed: int, path: str, name: str |
                                      "answer in options, or set options=null and task.accuracy=generate.")
         return train_and_test(parts, limit, test_fraction, seed)
 
-    return _tokenised(cached(_root(cache_dir), f"hf_instruct-{key}", build), tokenizer, max_length,
-                      None if options is None else [options], f"dataset {path}")
+    return tokenised(cached(cache_root(cache_dir), f"hf_instruct-{key}", build), tokenizer, max_length,
+                     None if options is None else [options], f"dataset {path}")

@@ -14,7 +14,7 @@ from torch import nn
 from celora.data.batches import IGNORE
 from celora.errors import ConfigError, InputError
 from celora.schema import Range
-from celora.tasks import Task
+from celora.tasks import Task, subjects
 from celora.tasks.classify import widened
 from celora.tasks.decoding import Prompts, decoder_pass, generate, option_logliks, prompts_of, run_prompts
 
@@ -98,6 +98,10 @@ class Instruct(Task):
         self.accuracy, self.max_new_tokens = accuracy, max_new_tokens
         self.tokenizer = None  # set by use_tokenizer: text comparison, EOS and padding ids for generation
 
+    def bind(self, backbone, data) -> None:
+        """The model's tokenizer (generation stops at its EOS and is compared as text)."""
+        self.use_tokenizer(backbone.tokenizer)
+
     def use_tokenizer(self, tokenizer) -> Instruct:
         """The model's tokenizer, for decoding generations (exact match is on normalised text) and its EOS id."""
         self.tokenizer = tokenizer
@@ -126,15 +130,17 @@ class Instruct(Task):
         return model.features(batch["input_ids"], batch["attention_mask"], pool_mask=prompt)
 
     def rates(self, sums: dict[str, float]) -> dict[str, float]:
-        """Accuracy and mean loss per example, and the answer perplexity exp(answer-token loss / tokens)."""
+        """Accuracy and mean loss per example, the answer perplexity exp(answer-token loss / tokens), and where the
+        rows have subjects the accuracy per subject and category (`acc/<subject>`, `acc/category/<category>`)."""
         tokens = max(sums.get("tokens", 0), 1)
-        return {**super().rates(sums), "ppl": math.exp(sums.get("token_loss", 0.0) / tokens)}
+        return {**super().rates(sums), "ppl": math.exp(sums.get("token_loss", 0.0) / tokens), **subjects.rates(sums)}
 
     @torch.no_grad()
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor], clients: int = 1,
                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each client's sums: `examples`, `loss` (of each row's mean answer-token loss), `tokens` and
-        `token_loss` (answer perplexity = exp(token_loss / tokens)), `correct`."""
+        `token_loss` (answer perplexity = exp(token_loss / tokens)), `correct`; with the rows' `subject` ids,
+        `correct@<id>` and `examples@<id>` (celora.tasks.subjects)."""
         labels = batch["labels"]
         n = len(labels)
         ran = None
@@ -150,8 +156,11 @@ class Instruct(Task):
         valid = torch.ones(clients, n // clients, dtype=torch.bool) if valid is None else valid.cpu()
         v = valid.reshape(-1)
         by_client = lambda x: (x * v).view(clients, -1).sum(1)  # noqa: E731
-        return {"examples": valid.sum(1), "loss": by_client(token_loss / tokens.clamp_min(1)),
-                "tokens": by_client(tokens), "token_loss": by_client(token_loss), "correct": by_client(correct)}
+        out = {"examples": valid.sum(1), "loss": by_client(token_loss / tokens.clamp_min(1)),
+               "tokens": by_client(tokens), "token_loss": by_client(token_loss), "correct": by_client(correct)}
+        if "subject" in batch:  # a benchmark's rows: accuracy per subject too
+            out.update(subjects.counts(correct, batch["subject"].cpu(), valid, clients))
+        return out
 
     def correct(self, model: nn.Module, batch: dict[str, torch.Tensor], answer_loglik: torch.Tensor | None = None,
                 ran: Prompts | None = None) -> torch.Tensor:
