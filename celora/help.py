@@ -16,7 +16,7 @@ from celora.schema import CONF_DIR
 
 ROOT = CONF_DIR.parent
 PLAIN_NODES = ("fl", "client", "export")  # the nodes of config.yaml whose keys are listed (the rest: a group's option)
-OPTION_GROUPS = ("model", "task", "simulation")  # the groups whose chosen option's commented keys are listed
+OPTION_GROUPS = ("dataset", "model", "task", "simulation")  # the groups whose chosen option's commented keys are listed
 
 
 def register(program: str = "python -m celora") -> None:
@@ -160,7 +160,8 @@ def main_keys(root: DictConfig | None = None) -> list[tuple[str, str, str]]:
 
 def option_keys(chosen: dict[str, str], root: DictConfig | None = None) -> list[tuple[str, str, str]]:
     """(group.key, value, its comment) of every top-level key with a comment of the option `chosen` for each of
-    OPTION_GROUPS (`answers`, metadata, left out), the values as `root` has them where given."""
+    OPTION_GROUPS (`answers`, metadata, and Hydra's `_partial_` and the like left out), the values as `root` has
+    them where given."""
     out = []
     for group in OPTION_GROUPS:
         path = CONF_DIR / group / f"{chosen.get(group)}.yaml"
@@ -168,7 +169,7 @@ def option_keys(chosen: dict[str, str], root: DictConfig | None = None) -> list[
             continue
         for line in path.read_text().splitlines():
             m = re.match(r"^(\w+):\s*([^#]*?)\s*#\s*(.*)$", line)
-            if m and m.group(1) != "answers":
+            if m and m.group(1) != "answers" and not m.group(1).startswith("_"):
                 out.append((f"{group}.{m.group(1)}", m.group(2), short(m.group(3))))
     if root is not None:
         out = [(key, _raw(root, key, value), comment) for key, value, comment in out]

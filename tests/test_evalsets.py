@@ -107,3 +107,24 @@ def test_a_set_of_other_classes_is_refused_by_name(compose_cfg, tmp_path):
                                          r"\['rotten', 'fresh'\]"):
         run(cfg, run_dir=tmp_path / "run")
     assert build(compose_cfg(*TINY, *SAME, "optimized_metric=best/eval/same/acc")) is not None
+
+
+def test_the_unseen_speakers_file_holds_no_row_and_no_speaker_of_the_training_data():
+    """scripts/unseen_speakers.py (the measured eval set of docs/benchmarks.md): none of its sentences is a row of
+    instruct_mix as llm_default loads it (train or test), and none of its speakers said any sentence that is."""
+    from celora.data.instruct import convention_sentences, instruct_mix, party_source
+    from celora.models.llm import tiny_llama
+    from scripts.unseen_speakers import QUESTION, seen_speakers, unseen_rows
+
+    rows = unseen_rows(limit=200, seed=0, rows=200, draw_seed=0)
+    mix = instruct_mix(tokenizer=tiny_llama().tokenizer, max_length=128, seed=0, limit=200)
+    trained = set(mix.train["text"]) | set(mix.test["text"])
+    sentences = [r["question"][len(QUESTION.format(sentence="")):] for r in rows]
+    assert len(rows) == 200 and not trained & set(sentences)
+    speakers_of = {}
+    sentences_all = convention_sentences(party_source())
+    for text, speaker in zip(sentences_all["text"], sentences_all["speaker"]):
+        speakers_of.setdefault(text, speaker)
+    in_mix = {speakers_of[t] for t in trained if t in speakers_of}
+    assert len(in_mix) > 50 and in_mix == seen_speakers(200, 0)  # the mix's convention rows, found by their text
+    assert not in_mix & {r["speaker"] for r in rows}
