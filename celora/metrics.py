@@ -79,6 +79,19 @@ def best_round(rows: list[dict], key: str | None = None) -> int | None:
     return max(scored)[2] if scored else None
 
 
+def budget_use(row: dict, budget: float) -> dict:
+    """The share of a communication budget (bytes of uplink and downlink together, as FlowerTune's leaderboard counts
+    them) that a row's cumulative bytes used: summary.json's `comm/budget_*`."""
+    used = row["comm/up_bytes_cum"] + row["comm/down_bytes_cum"]
+    return {"comm/budget_bytes": budget, "comm/budget_used_bytes": used, "comm/budget_share": used / budget}
+
+
+def budget_line(row: dict, budget: float) -> str:
+    use = budget_use(row, budget)
+    return (f"round {row['round']}: uplink+downlink {use['comm/budget_used_bytes'] / 1e9:.3f} GB of budget "
+            f"{budget / 1e9:.3f} GB ({100 * use['comm/budget_share']:.2f}%)")
+
+
 def _clean(value):
     """NaN is not JSON: undefined metrics (e.g. global accuracy with private tensors) become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -208,11 +221,13 @@ class WandbSink(Sink):
 
 
 class Metrics:
-    """Appends rows to metrics.jsonl (always) and forwards them to a sink."""
+    """Appends rows to metrics.jsonl (always) and forwards them to a sink; with a communication budget (bytes), logs
+    the share of it each row's cumulative uplink + downlink used."""
 
-    def __init__(self, run_dir: Path, sink: Sink | None = None):
+    def __init__(self, run_dir: Path, sink: Sink | None = None, comm_budget_bytes: float | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.sink = sink or NullSink()
+        self.budget = comm_budget_bytes
         self.rows: list[dict] = []
 
     def log(self, row: dict) -> None:
@@ -220,6 +235,8 @@ class Metrics:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.budget is not None:
+            log.info(budget_line(row, self.budget))
         self._forward(row, first=len(self.rows) == 1)
 
     def _forward(self, row: dict, first: bool) -> None:

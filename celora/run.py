@@ -15,7 +15,7 @@ from celora.data.partition import label_counts, partition_summary
 from celora.files import atomic_write
 from celora.fl import checkpoint
 from celora.fl.engine import resolve
-from celora.metrics import Metrics, Sink, best_round, summarize
+from celora.metrics import Metrics, Sink, best_round, budget_use, summarize
 from celora.progress import logs_beside_bars
 from celora.validate import build, declared_default
 from celora.world import World, build_world
@@ -38,7 +38,7 @@ def _run_dir(run_dir) -> Path:
 # Keys that change no number of a run: a checkpoint may be resumed under other values of these. `answers`
 # describes an option (celora.schema.METADATA); leaving it out keeps runs finished before it existed finished.
 NOT_IN_RESULTS = ("resume", "logger", "hydra", "simulation.progress", "dataset.cache_dir", "optimized_metric",
-                  "flower", "model.answers", "dataset.answers", "task.answers", "export")
+                  "flower", "model.answers", "dataset.answers", "task.answers", "export", "fl.comm_budget_bytes")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -120,7 +120,7 @@ def _experiment(cfg: DictConfig, out: Path) -> dict:
     world = build_world(cfg, parts)
     write_partition(world, out)
     sink: Sink = instantiate(cfg.logger)
-    metrics = Metrics(out, sink)
+    metrics = Metrics(out, sink, parts.fl.comm_budget_bytes)
     summary: dict = {}
     try:
         whole = OmegaConf.to_container(cfg, resolve=True)  # also what `python -m celora.export` rebuilds the run from
@@ -169,7 +169,10 @@ def run_summary(rows: list[dict], seconds: float, world: World) -> dict:
     """summary.json: the rows summarised (undefined metrics are null, not NaN), the wall time, parameter counts,
     and the config that made them (result_config: a run dir copied elsewhere, checkpoints left behind, still
     says what it finished)."""
-    return {**summarize(rows), "time/total_s": seconds, **world.param_counts(), "config": result_config(world.cfg)}
+    budget = world.parts.fl.comm_budget_bytes
+    used = budget_use(rows[-1], budget) if budget is not None and rows else {}  # fl.comm_budget_bytes
+    return {**summarize(rows), "time/total_s": seconds, **world.param_counts(), **used,
+            "config": result_config(world.cfg)}
 
 
 def finished_before(out: Path, config: dict) -> dict | None:
@@ -188,9 +191,11 @@ def finished_before(out: Path, config: dict) -> dict | None:
 
 def log_done(summary: dict, out: Path) -> None:
     last = summary["last"]
-    log.info("done in %.0f s: global/acc %s, personal/acc %.4f, uplink %.3f MB -> %s",
-             summary["time/total_s"], last.get("global/acc"), last["personal/acc"],
-             last["comm/up_bytes_cum"] / 1e6, out)
+    budget = (f" ({100 * summary['comm/budget_share']:.2f}% of the {summary['comm/budget_bytes'] / 1e9:.3f} GB "
+              "communication budget, uplink+downlink)" if "comm/budget_share" in summary else "")
+    log.info("done in %.0f s: global/acc %s, personal/acc %s, uplink %.3f MB%s -> %s",
+             summary["time/total_s"], _shown(last.get("global/acc")), _shown(last.get("personal/acc")),
+             last["comm/up_bytes_cum"] / 1e6, budget, out)
 
 
 def export_at_end(cfg: DictConfig, out: Path) -> None:
@@ -207,3 +212,8 @@ def export_at_end(cfg: DictConfig, out: Path) -> None:
         export_run(out, settings.round, settings.models, settings.format)
     except UserError as e:
         log.error("export.at_end: %s (the run itself finished; `python -m celora.export %s` exports it later)", e, out)
+
+
+def _shown(value) -> str:
+    """A metric in a log line: 4 decimals, or '-' where it is undefined (null)."""
+    return "-" if value is None else f"{value:.4f}"

@@ -128,3 +128,12 @@ def test_the_unseen_speakers_file_holds_no_row_and_no_speaker_of_the_training_da
     in_mix = {speakers_of[t] for t in trained if t in speakers_of}
     assert len(in_mix) > 50 and in_mix == seen_speakers(200, 0)  # the mix's convention rows, found by their text
     assert not in_mix & {r["speaker"] for r in rows}
+
+
+def test_clients_without_local_test_rows_train_and_report_no_personal_score(compose_cfg, tmp_path):
+    """partition.local_test_fraction=0 (FlowerTune's clients train on their whole share): the run trains and
+    its global scores stand; the personal ones are undefined (null), not a crash or a 0."""
+    run(compose_cfg(*TINY, "partition.local_test_fraction=0", "fl.rounds=1"), run_dir=tmp_path / "run")
+    last = _rows(tmp_path / "run")[-1]
+    assert 0 <= last["global/acc"] <= 1 and last["personal/acc"] is None and last["personal/loss"] is None
+    assert last["personal/acc_by_client"] == [None, None, None]

@@ -17,7 +17,7 @@ class Encoded(torch.utils.data.Dataset):
     def __init__(self, dataset, label_column: str = "label"):
         self.input_ids = list(dataset["input_ids"])
         self.labels = list(dataset[label_column])
-        types = "token_type_ids" in getattr(dataset, "column_names", ())
+        types = "token_type_ids" in getattr(dataset, "column_names", dataset)  # a datasets.Dataset, or a dict of columns
         self.token_type_ids = list(dataset["token_type_ids"]) if types else None
 
     def __len__(self) -> int:
@@ -50,7 +50,7 @@ class AnswerRows(Encoded):
         self.targets = list(dataset["targets"])
         self.tasks = list(dataset["task"])
         self.options = options
-        columns = dataset.column_names
+        columns = getattr(dataset, "column_names", dataset)  # a datasets.Dataset, or a dict of columns
         self.own_options = list(dataset["option_ids"]) if "option_ids" in columns else None
         self.subjects = list(dataset["subject"]) if "subject" in columns else None
         self.subject_names = dataset.features["subject"].names if self.subjects is not None else None

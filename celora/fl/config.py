@@ -46,6 +46,9 @@ class FLConfig:
     max_update_norm_ratio: float | None = None  # reject an update this many times the round's median norm
     on_client_error: str = "skip"  # skip: a client whose training raises is left out of the round | raise
     eval_clients: int | str = "all"  # personal evaluation of every client, or of this many (seeded, fixed for the run)
+    # a stated budget of uplink + downlink bytes, e.g. FlowerTune's 200,000 MiB: each evaluated round logs the share
+    # used and summary.json keeps it (celora.metrics.budget_use); it changes no number of the run
+    comm_budget_bytes: Annotated[float, Range(gt=0)] | None = None
 
     def __post_init__(self):
         for key, low in (("num_clients", 1), ("rounds", 0), ("eval_every", 1)):
@@ -62,6 +65,9 @@ class FLConfig:
         if isinstance(self.eval_clients, int) and self.eval_clients > self.num_clients:
             raise ConfigError(f"fl.eval_clients={self.eval_clients} is more than fl.num_clients={self.num_clients}; "
                              f"use fl.eval_clients=all or at most {self.num_clients}")
+        if self.comm_budget_bytes is not None and not self.comm_budget_bytes > 0:
+            raise ConfigError(f"fl.comm_budget_bytes must be > 0 (bytes) or null for none, "
+                             f"got {self.comm_budget_bytes}")
         if self.on_client_error not in ON_CLIENT_ERROR:
             raise ConfigError(f"fl.on_client_error must be one of {ON_CLIENT_ERROR}, got {self.on_client_error!r}")
 

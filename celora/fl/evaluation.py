@@ -90,6 +90,8 @@ def personal_summary(accs: Sequence[float], sizes: Sequence[int]) -> dict[str, f
     """Example-weighted and unweighted mean over clients, and the mean of the worst 10% (at least one)."""
     a = np.asarray(accs, dtype=float)
     w = np.asarray(sizes, dtype=float)
+    if w.sum() == 0:  # no client holds a local test row (partition.local_test_fraction=0): nothing to report
+        return {"personal/acc": math.nan, "personal/acc_unweighted": math.nan, "personal/acc_worst10": math.nan}
     worst = np.sort(a)[: max(1, math.ceil(0.1 * len(a)))]
     return {
         "personal/acc": float((a * w).sum() / w.sum()),

@@ -350,10 +350,10 @@ class Simulation:
         rates = [task.rates(r) for r in results]
         accs, sizes = [r["acc"] for r in rates], [r.get("examples", 0) for r in results]
         out.update(personal_summary(accs, sizes))
-        out["personal/loss"] = float(np.average([r["loss"] for r in rates], weights=sizes))
+        out["personal/loss"] = float(np.average([r["loss"] for r in rates], weights=sizes)) if sum(sizes) else math.nan
         pooled = {name: sum(r.get(name, 0) for r in results) for name in {n for r in results for n in r}}
         out.update({f"personal/{k}": v for k, v in task.rates(pooled).items() if k not in ("acc", "loss")})
-        out["personal/acc_by_client"] = accs
+        out["personal/acc_by_client"] = [a if n else None for a, n in zip(accs, sizes)]  # None: no local test row
         out["personal/clients"] = len(results)
         return out
 

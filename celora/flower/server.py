@@ -172,7 +172,7 @@ def serve(grid: Grid, cfg: DictConfig, out: Path) -> dict:
     write_partition(world, out)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a Flower run does not resume: it starts over
     sink = instantiate(cfg.logger)
-    metrics = Metrics(out, sink)
+    metrics = Metrics(out, sink, world.parts.fl.comm_budget_bytes)
     summary: dict = {}
     try:
         sink.log_config(OmegaConf.to_container(cfg, resolve=True), out)

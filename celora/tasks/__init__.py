@@ -55,4 +55,4 @@ class Task(Protocol):
         """The metrics of summed scores (one client's, or pooled): accuracy and mean loss per example (0 where
         nothing was counted: such a client weighs 0 in the personal means)."""
         n = max(sums.get("examples", 0), 1)
-        return {"acc": sums["correct"] / n, "loss": sums["loss"] / n}
+        return {"acc": sums.get("correct", 0) / n, "loss": sums.get("loss", 0.0) / n}
