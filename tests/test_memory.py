@@ -95,6 +95,26 @@ def test_an_nf4_base_gives_the_adapter_the_gradient_of_its_dequantized_weights()
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_svd_factors_of_a_quantized_base_are_those_of_its_dequantized_weights(quantize):
+    """adapter.init=svd (tri_svd) reads W0 through base_weight_matrix: on a 4-bit or 8-bit base its A and B are
+    the fp32 layer's with the dequantized weights W~ put in, exactly (the same SVD of the same matrix); Fed-SB's
+    gradient of W0 is refused instead (test_bad_memory_options_are_refused_before_anything_loads)."""
+    from celora.adapters import AdapterConfig, AdapterLayer
+    from celora.adapters.layer import base_weight_matrix
+    from celora.models.llm import tiny_llama
+
+    full = tiny_llama(hidden_size=64, intermediate_size=128).lm.model.layers[0].self_attn.q_proj
+    packed = tiny_llama(hidden_size=64, intermediate_size=128, quantize=quantize).lm.model.layers[0].self_attn.q_proj
+    w_q = base_weight_matrix(packed).detach().float().clone()
+    assert not torch.equal(w_q, full.weight.detach())  # quantization moved the weights
+    with torch.no_grad():
+        full.weight.copy_(w_q)
+    cfg = AdapterConfig(name="tri", r=4, alpha=8, init="svd", zero="C", trainable=["C"], shared=["C"])
+    a, b = (AdapterLayer(layer, cfg, torch.Generator().manual_seed(0)) for layer in (full, packed))
+    assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+
+
+
 def test_a_quantized_backbone_trains_on_the_cpu_and_exports_against_the_unquantized_base(compose_cfg, tmp_path,
                                                                                         quantize):
     """A round with a 4-bit or 8-bit frozen base, evaluated before and after (the evaluation must not stop
