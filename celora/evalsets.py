@@ -24,8 +24,8 @@ from celora import schema
 from celora.data import load as load_dataset
 from celora.data.batches import Encoded
 from celora.errors import InputError
-from celora.schema import Range
 from celora.fl.setup import EvalSet
+from celora.schema import Range
 
 Split = Literal["test", "train", "all"]
 

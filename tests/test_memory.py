@@ -114,7 +114,7 @@ def test_svd_factors_of_a_quantized_base_are_those_of_its_dequantized_weights(qu
     assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
 
 
-
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_a_quantized_backbone_trains_on_the_cpu_and_exports_against_the_unquantized_base(compose_cfg, tmp_path,
                                                                                         quantize):
     """A round with a 4-bit or 8-bit frozen base, evaluated before and after (the evaluation must not stop
