@@ -34,9 +34,13 @@ OPTIONAL = ("privacy/epsilon", "privacy/clipped_fraction", "privacy/update_norm"
 
 def check_objective(key: str | None, eval_sets: list[str] = ()) -> None:
     """optimized_metric must name a scalar of the schema, or best/<one>, or a metric of one of `eval_sets`
-    (eval/<set>/<metric>, eval/<set>/personal/<metric>)."""
+    (eval/<set>/<metric>, eval/<set>/personal/<metric>), or an accuracy per subject or category of data with
+    subjects (global/acc/<subject>, personal/acc/category/<category>: celora.tasks.subjects)."""
     name = key[len("best/"):] if key and key.startswith("best/") else key
     if name and name.split("/")[0] == "eval" and len(name.split("/")) > 2 and name.split("/")[1] in eval_sets:
+        return
+    if name and name.split("/")[0] in ("global", "personal") and name.split("/")[1:2] == ["acc"] and (
+            len(name.split("/")) > 2 and all(name.split("/")[2:])):
         return
     if key is not None and name not in set(KEYS) - {"round"} | set(OPTIONAL):
         raise ConfigError(f"optimized_metric={key!r} is not a metric of the schema; use one of "

@@ -107,6 +107,10 @@ def test_a_set_of_other_classes_is_refused_by_name(compose_cfg, tmp_path):
                                          r"\['rotten', 'fresh'\]"):
         run(cfg, run_dir=tmp_path / "run")
     assert build(compose_cfg(*TINY, *SAME, "optimized_metric=best/eval/same/acc")) is not None
+    for subject in ("global/acc/anatomy", "best/personal/acc/category/stem"):  # a benchmark's per-subject keys
+        assert build(compose_cfg(*TINY, f"optimized_metric={subject}")) is not None
+    with pytest.raises(ConfigError, match="optimized_metric='global/acc/' is not a metric"):
+        build(compose_cfg(*TINY, "optimized_metric=global/acc/"))
 
 
 def test_the_unseen_speakers_file_holds_no_row_and_no_speaker_of_the_training_data():
