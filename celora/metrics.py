@@ -37,10 +37,10 @@ def check_objective(key: str | None, eval_sets: list[str] = ()) -> None:
     (eval/<set>/<metric>, eval/<set>/personal/<metric>), or an accuracy per subject or category of data with
     subjects (global/acc/<subject>, personal/acc/category/<category>: celora.tasks.subjects)."""
     name = key[len("best/"):] if key and key.startswith("best/") else key
-    if name and name.split("/")[0] == "eval" and len(name.split("/")) > 2 and name.split("/")[1] in eval_sets:
+    parts = (name or "").split("/")
+    if len(parts) > 2 and parts[0] == "eval" and parts[1] in eval_sets:
         return
-    if name and name.split("/")[0] in ("global", "personal") and name.split("/")[1:2] == ["acc"] and (
-            len(name.split("/")) > 2 and all(name.split("/")[2:])):
+    if len(parts) > 2 and parts[0] in ("global", "personal") and parts[1] == "acc" and all(parts[2:]):
         return
     if key is not None and name not in set(KEYS) - {"round"} | set(OPTIONAL):
         raise ConfigError(f"optimized_metric={key!r} is not a metric of the schema; use one of "
