@@ -16,7 +16,7 @@ from celora.schema import CONF_DIR
 
 ROOT = CONF_DIR.parent
 PLAIN_NODES = ("fl", "client", "export")  # the nodes of config.yaml whose keys are listed (the rest: a group's option)
-OPTION_GROUPS = ("dataset", "model", "task", "simulation")  # the groups whose chosen option's commented keys are listed
+OPTION_GROUPS = ("dataset", "model", "task", "simulation", "server")  # the groups whose chosen option's commented keys are listed
 
 
 def register(program: str = "python -m celora") -> None:

@@ -17,6 +17,7 @@ from celora.fl.aggregators import Aggregator
 from celora.fl.cohorts import check_cohort_size
 from celora.fl.config import ClientConfig, FLConfig
 from celora.fl.engine import check_engine
+from celora.fl.server_opt import ServerOptimizer
 from celora.fl.wire import wire_dtype
 from celora.metrics import check_objective
 from celora.models.backbone import check_dropout, check_quantize, torch_dtype
@@ -45,6 +46,7 @@ PLAIN = {
                                 "even if the config changed"],
     "optimized_metric": str | None,
     "fl": FLConfig,
+    "server": ServerOptimizer,  # a group of plain nodes (conf/server/): server=adam sets the keys of this one node
     "flower": None,
     "export": ExportSettings,
     "eval_sets": None,  # checked by celora.evalsets.check
@@ -96,6 +98,10 @@ class Parts:
     privacy: Privacy
     simulation: Callable  # the Simulation class with its config bound (Hydra `_partial_`)
     task: Task
+    server: ServerOptimizer = None  # what the server does with the aggregate (server.*); None: as it is
+
+    def __post_init__(self):
+        self.server = self.server or ServerOptimizer()
 
 
 def fl_config(cfg: DictConfig) -> FLConfig:
@@ -138,6 +144,7 @@ def build(cfg: DictConfig) -> Parts:
     adapter = part("adapter", lambda: make(cfg.adapter))
     partition = part("partition", lambda: make(cfg.partition))
     aggregator = part("aggregator", lambda: make(cfg.aggregator))
+    server = part("server", lambda: ServerOptimizer(**OmegaConf.to_container(cfg.get("server") or {}, resolve=True)))
     rate = fl.clients_per_round / fl.num_clients if fl else 1.0
     privacy = part("privacy", lambda: make(cfg.privacy)(sample_rate=rate))
     simulation = part("simulation", lambda: make(cfg.simulation))
@@ -172,6 +179,16 @@ def build(cfg: DictConfig) -> Parts:
             problems.append(f"privacy.mode=central calibrates the server's noise to the size-weighted average, but "
                             f"the aggregator ({agg}) sends each client its own mix of the uploads, which that "
                             "noise does not cover; use privacy.mode=local")
+    if aggregator is not None and (aggregator.pooled or not aggregator.communicates):
+        agg = type(aggregator).__name__
+        if server is not None and server.active:
+            problems.append(f"server.optimizer={server.optimizer} steps the server's model with the round's aggregate, "
+                            f"but the aggregator ({agg}) has no server and no aggregate (local or centralized "
+                            "training); use server=none")
+        if client is not None and client.prox_mu > 0:
+            problems.append(f"client.prox_mu={client.prox_mu} (FedProx) pulls a client towards what it received from "
+                            f"the server, but the aggregator ({agg}) sends nothing (local or centralized training); "
+                            "use client.prox_mu=0")
     if adapter is not None and adapter.init == "lora_sb" and aggregator is not None:
         if aggregator.pooled or not aggregator.communicates:
             problems.append(f"adapter.init=lora_sb (Fed-SB) averages the clients' round-0 gradients on a server, but the "
@@ -192,4 +209,4 @@ def build(cfg: DictConfig) -> Parts:
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n"
                           + "\n".join(f"  - {p}" for p in problems))
-    return Parts(fl, client, adapter, partition, aggregator, privacy, simulation, task)
+    return Parts(fl, client, adapter, partition, aggregator, privacy, simulation, task, server)

@@ -50,7 +50,7 @@ class World:
         """What the run trains and exchanges: the adapted model, the wire, the server, privacy and the task."""
         p = self.parts
         return Method(self.model, self.exchange, p.aggregator, p.task, p.privacy,
-                      lora_sb_init=p.adapter.init == "lora_sb")
+                      lora_sb_init=p.adapter.init == "lora_sb", server=p.server)
 
     def run_data(self) -> RunData:
         """The rows the run reads; a tuning run is scored on validation rows only (the global model on all

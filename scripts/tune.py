@@ -2,6 +2,15 @@
 
     python scripts/tune.py run [--methods celora tri ...] [--root multirun/tune] [-- more overrides]
     python scripts/tune.py choose [--root multirun/tune] [--runs docs/results/tuning/runs]
+    python scripts/tune.py server --methods lora_fedadam tri_fedavgm ... [-- more overrides]
+    python scripts/tune.py server-choose --methods lora_fedadam tri_fedavgm ...
+
+`server` and `server-choose` tune a method that adds a server optimizer or FedProx to a base method
+(`<base>_<variant>`, conf/method/): its second rate alone, on a 1-D grid (server.eta, or client.prox_mu for
+FedProx), at the base method's tuned client rate (conf/method/tuned/<base>.yaml, so `choose` comes first). The
+runs, their kept copies and the choice follow the same rules as the client rate's (under multirun/tune_server and
+docs/results/tuning_server/runs); the choice is conf/method/tuned/<method>.yaml with both rates and the table
+docs/results/tuning_server.md.
 
 `run` launches `python -m celora -m experiment=tune method=<m> client.lr=<grid>` for each method: every run
 holds out a fifth of each client's local train (client.val_fraction=0.2) and is scored on those rows only,
@@ -25,8 +34,10 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+import yaml
 
 from celora import analysis, archive
 
@@ -57,6 +68,48 @@ SERIES = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 2, 5))  # th
 LIMITS = (1e-5, 0.2)  # a grid grows no further than this
 
 
+class Axis(NamedTuple):
+    """A rate that a sweep tunes: its key, first grid, the series a grid grows by and its limits."""
+
+    key: str
+    grid: tuple[float, ...]
+    series: tuple[float, ...] = SERIES
+    limits: tuple[float, float] = LIMITS
+
+    @property
+    def short(self) -> str:
+        return self.key.rsplit(".", 1)[-1]
+
+
+CLIENT_LR = Axis("client.lr", GRID)
+# The second rate of a method that adds a server optimizer or FedProx to a base method (<base>_<variant>).
+SERVER_AXES = {
+    "fedavgm": Axis("server.eta", (0.2, 0.5, 1.0), limits=(0.01, 5.0)),  # eta / (1 - beta1) scales the step
+    "fedadagrad": Axis("server.eta", (5e-3, 1e-2, 2e-2), limits=(1e-4, 0.5)),  # about each coordinate's step
+    "fedadam": Axis("server.eta", (5e-3, 1e-2, 2e-2), limits=(1e-4, 0.5)),
+    "fedyogi": Axis("server.eta", (5e-3, 1e-2, 2e-2), limits=(1e-4, 0.5)),
+    "fedprox": Axis("client.prox_mu", (1e-3, 1e-2, 1e-1), limits=(1e-4, 1.0)),  # Li et al.'s range
+}
+
+
+def split_variant(method: str) -> tuple[str, str]:
+    """(base method, variant) of a server-optimizer or FedProx method name, e.g. lora_fedadam -> (lora, fedadam)."""
+    base, _, variant = method.rpartition("_")
+    if not base or variant not in SERVER_AXES:
+        raise SystemExit(f"{method} is not <base>_<variant> with a variant of {', '.join(SERVER_AXES)} "
+                         "(e.g. lora_fedadam); `run` tunes a method's client rate")
+    return base, variant
+
+
+def tuned_client_lr(base: str, conf: Path) -> float:
+    """The base method's chosen client rate (its tuned preset)."""
+    path = conf / f"{base}.yaml"
+    if not path.exists():
+        raise SystemExit(f"no {path}: tune the base method's client rate first "
+                         f"(python scripts/tune.py run --methods {base} && python scripts/tune.py choose)")
+    return float(yaml.safe_load(path.read_text())["client"]["lr"])
+
+
 def _same(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
@@ -67,33 +120,38 @@ def best_rate(scores: dict[float, float]) -> float:
     return rates[max(range(len(rates)), key=lambda k: (scores[rates[k]], -k))]
 
 
-def wanted(method: str, scores: dict[float, float]) -> list[float]:
+def wanted(method: str, scores: dict[float, float], axis: Axis | None = None) -> list[float]:
     """The rates still to run for `method`, given the validation scores of those finished: the grid's missing
     rates; then, while the best rate is the largest (smallest) one run, the next rate of the 1-2-5 series beyond
-    it, up to LIMITS, so that the choice is never at the edge of what was tried."""
-    missing = [lr for lr in grid(method) if not any(_same(lr, done) for done in scores)]
+    it, up to the axis's limits, so that the choice is never at the edge of what was tried. `axis`: the rate
+    tuned (default the client rate, on the method's grid)."""
+    axis = axis or Axis(CLIENT_LR.key, grid(method))
+    missing = [lr for lr in axis.grid if not any(_same(lr, done) for done in scores)]
     if missing:
         return missing
     best, low, high = best_rate(scores), min(scores), max(scores)
-    if best == high and high * (1 + 1e-9) < LIMITS[1]:
-        return [min(r for r in SERIES if r > high * (1 + 1e-9))]
-    if best == low and low * (1 - 1e-9) > LIMITS[0]:
-        return [max(r for r in SERIES if r < low * (1 - 1e-9))]
+    if best == high and high * (1 + 1e-9) < axis.limits[1]:
+        return [min(r for r in axis.series if r > high * (1 + 1e-9))]
+    if best == low and low * (1 - 1e-9) > axis.limits[0]:
+        return [max(r for r in axis.series if r < low * (1 - 1e-9))]
     return []
 
 
-def scores_of(runs: pd.DataFrame) -> dict[str, dict[float, float]]:
-    """method -> {rate: last-round validation METRIC} of the finished tuning runs (per_run()'s rows)."""
+def scores_of(runs: pd.DataFrame, key: str = CLIENT_LR.key) -> dict[str, dict[float, float]]:
+    """method -> {rate: last-round validation METRIC} of the finished tuning runs (per_run()'s rows); the rate is
+    the config key `key`."""
     runs = runs[(runs["status"] == "finished") & runs[METRIC].notna()]
     if "client.val_fraction" in runs:
         runs = runs[runs["client.val_fraction"] > 0]  # only runs scored on validation rows choose
-    return {method: dict(zip(group["client.lr"].astype(float), group[METRIC].astype(float)))
+    if key not in runs:
+        return {}
+    return {method: dict(zip(group[key].astype(float), group[METRIC].astype(float)))
             for method, group in runs.groupby("method", sort=False)}
 
 
-def finished_scores(root: Path) -> dict[str, dict[float, float]]:
+def finished_scores(root: Path, key: str = CLIENT_LR.key) -> dict[str, dict[float, float]]:
     try:
-        return scores_of(analysis.per_run(analysis.load_runs(root)))
+        return scores_of(analysis.per_run(analysis.load_runs(root)), key)
     except FileNotFoundError:  # nothing run yet
         return {}
 
@@ -178,9 +236,88 @@ def choose(root: Path, runs: Path, conf: Path, out: Path, methods: list[str] = l
     return text
 
 
+def launch_server(methods: list[str], root: Path, runs: Path, conf: Path, extra: list[str]) -> None:
+    """Each method's second rate on its axis (SERVER_AXES), at its base method's tuned client rate."""
+    restored = archive.restore(runs, root)
+    if restored:
+        print(f"restored {len(restored)} finished run(s) from {runs}", flush=True)
+    for method in methods:
+        base, variant = split_variant(method)
+        if not method_file(method).exists():
+            raise SystemExit(f"no conf/method/{method}.yaml")
+        axis, lr = SERVER_AXES[variant], tuned_client_lr(base, conf)
+        asked: list[float] = []
+        while todo := wanted(method, finished_scores(root / method, axis.key).get(method, {}), axis):
+            if todo == asked:
+                raise SystemExit(f"{method}: {axis.key}={', '.join(f'{x:g}' for x in todo)} ran but gave no finished "
+                                 f"run with a {METRIC}; see its run dir under {root / method}")
+            asked = todo
+            cmd = [sys.executable, "-m", "celora", "-m", "experiment=tune", f"method={method}", f"client.lr={lr:g}",
+                   f"{axis.key}=" + ",".join(f"{x:g}" for x in todo), f"hydra.sweep.dir={root}/{method}",
+                   f"hydra.sweep.subdir='{axis.short}=${{{axis.key}}}'", *extra]
+            print("$", " ".join(cmd), flush=True)
+            try:
+                subprocess.run(cmd, check=True, cwd=ROOT)
+            finally:
+                archive.keep(root, runs)
+
+
+def choose_server(root: Path, runs: Path, conf: Path, out: Path, methods: list[str]) -> str:
+    """Per method: its second rate's validation accuracies, the choice as conf/method/tuned/<method>.yaml (the base's
+    client rate and the chosen second rate) and the table `out`."""
+    if root.exists():
+        archive.keep(root, runs)
+    rows, missing = [], []
+    for method in methods:
+        base, variant = split_variant(method)
+        axis, lr = SERVER_AXES[variant], tuned_client_lr(base, conf)
+        scores = finished_scores(runs, axis.key).get(method, {})
+        todo = wanted(method, scores, axis)
+        if todo:
+            missing.append(f"{method} ({len(scores)} rates finished; to run: {', '.join(f'{x:g}' for x in todo)})")
+            continue
+        best = best_rate(scores)
+        edge = "at the limit of the rates tried" if best in (min(scores), max(scores)) else ""
+        rows.append({"method": method, "client.lr": lr, "tuned": axis.key, "chosen": best,
+                     f"val {METRIC}": scores[best], "rates run": len(scores), "note": edge,
+                     **{f"{x:g}": scores[x] for x in sorted(scores)}})
+        body = [line for line in method_file(method).read_text().splitlines()
+                if not line.startswith("#") and line.strip()]
+        section, key = axis.key.split(".")
+        client = [f"  lr: {lr:g}"] + ([f"  {key}: {best:g}"] if section == "client" else [])
+        body = [line for line in body if not (section == "client" and line.strip().startswith(f"{key}:"))]
+        if body and body[-1].strip() == "client:":
+            body = body[:-1]
+        text = "\n".join([
+            "# @package _global_",
+            f"# {method} at the rates scripts/tune.py chose: client.lr {lr:g} (the tuned {base}'s), {axis.key} "
+            f"{best:g} (validation personal accuracy {scores[best]:.4f}, client.val_fraction=0.2, seed 0, "
+            "Dirichlet(0.5)); written by `python scripts/tune.py server-choose`.",
+            *[line for line in body if line.strip() != "# @package _global_"],
+            "", "client:", *client, *([f"{section}:", f"  {key}: {best:g}"] if section != "client" else []), ""])
+        conf.mkdir(parents=True, exist_ok=True)
+        (conf / f"{method}.yaml").write_text(text)
+    table = pd.DataFrame(rows)
+    if len(table):
+        rates = sorted((c for c in table.columns if c[0].isdigit()), key=float)
+        table = table[[c for c in table.columns if not c[0].isdigit()] + rates]
+    md = ["Validation personal accuracy (last round) per server rate (server.eta; client.prox_mu for FedProx) at the "
+          "base method's tuned client rate, seed 0, client.val_fraction=0.2, Dirichlet(0.5), 1 seed. Reproduce: "
+          f"`python scripts/tune.py server --methods {' '.join(methods)} && python scripts/tune.py server-choose "
+          f"--methods {' '.join(methods)}`.", ""]
+    if len(table):
+        md += [analysis.frame_markdown(table), "", analysis.run_time(analysis.per_run(analysis.load_runs(runs)))]
+    if missing:
+        md += ["", "Not chosen yet: " + ", ".join(missing)]
+    text = "\n".join(md) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=("run", "choose"))
+    ap.add_argument("action", choices=("run", "choose", "server", "server-choose"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--root", type=Path, default=ROOT / "multirun" / "tune", help="the sweeps' dir (outside git)")
     ap.add_argument("--runs", type=Path, default=ROOT / "docs" / "results" / "tuning" / "runs",
@@ -189,10 +326,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tuning.md")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
+    if args.action.startswith("server"):  # their own dirs unless given
+        given = set(sys.argv)
+        args.root = args.root if "--root" in given else ROOT / "multirun" / "tune_server"
+        args.runs = args.runs if "--runs" in given else ROOT / "docs" / "results" / "tuning_server" / "runs"
+        args.out = args.out if "--out" in given else ROOT / "docs" / "results" / "tuning_server.md"
+        if "--methods" not in given:
+            raise SystemExit(f"{args.action} needs --methods, e.g. --methods lora_fedadam tri_fedavgm")
     if args.action == "run":
         launch(args.methods, args.root, args.runs, extra)
-    else:
+    elif args.action == "choose":
         print(choose(args.root, args.runs, args.conf, args.out, args.methods))
+    elif args.action == "server":
+        launch_server(args.methods, args.root, args.runs, args.conf, extra)
+    else:
+        print(choose_server(args.root, args.runs, args.conf, args.out, args.methods))
 
 
 if __name__ == "__main__":

@@ -163,12 +163,22 @@ def test_datasets_instantiate(name, tmp_path):
         assert {"input_ids", "label"} <= set(data.train.column_names)
 
 
+VARIANTS = {"fedavgm": "momentum", "fedadagrad": "adagrad", "fedadam": "adam", "fedyogi": "yogi", "fedprox": None}
+
+
 @pytest.mark.parametrize("name", options("method"))
 def test_method_presets_pick_adapter_and_aggregator(name):
     cfg = _compose(f"method={name}")
     adapter = instantiate(cfg.adapter)
     agg = instantiate(cfg.aggregator)
-    if name in ("local", "centralized"):
+    base, _, variant = name.rpartition("_")
+    if variant in VARIANTS:  # a base method with a server optimizer or FedProx: the base's adapter and aggregator
+        plain = _compose(f"method={base}")
+        assert OmegaConf.to_container(cfg.adapter) == OmegaConf.to_container(plain.adapter)
+        assert OmegaConf.to_container(cfg.aggregator) == OmegaConf.to_container(plain.aggregator)
+        assert cfg.server.optimizer == VARIANTS[variant] and plain.server.optimizer is None
+        assert (cfg.client.prox_mu > 0) == (variant == "fedprox") and plain.client.prox_mu == 0
+    elif name in ("local", "centralized"):
         assert not agg.communicates
     elif name == "celora":  # the tri adapter with personalised aggregation
         assert adapter.name == "tri" and agg.data_stats is not None

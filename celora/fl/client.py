@@ -40,6 +40,8 @@ class Fitting:
     tokens: Tokens = field(default_factory=Tokens)
     grad_accum: int = 1  # batches whose gradients make one optimiser step
     lr_scale: float = 1.0
+    prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_received||^2 over the `anchored` tensors joins each step's loss
+    anchored: tuple[str, ...] = ()  # the client's shared trained tensors (what it received and sends back)
 
 
 class LocalTraining(L.LightningModule):
@@ -58,6 +60,11 @@ class LocalTraining(L.LightningModule):
     batches and known from them before the first forward pass), its gradients add up in `.grad`, and the
     step is clipped once, after the k-th backward pass.
 
+    FedProx (`prox_mu` > 0, Li et al. 2020): each client's loss of a step gains mu/2 ||w - w0||^2 over its
+    `anchored` tensors, w0 their values when the fit starts (what the client received; in a stacked cohort
+    each client's own slice). It joins the first batch of a step, so an accumulated step adds it once. The
+    logged training loss is the task's alone (comparable across methods). mu = 0 adds nothing at all.
+
     `fit` drives it with the run's Lightning Fabric (`Engine`), not a `Trainer`: a Trainer made per
     fit costs its set-up inside every client of every round, and its teardown moves the whole
     module, backbone included, back to the CPU after each fit. Fabric is set up once per run and
@@ -70,7 +77,7 @@ class LocalTraining(L.LightningModule):
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                  steps: Sequence[int] | None = None, on_first_backward: Callable[[nn.Module], None] | None = None,
                  tokens: Tokens | None = None, grad_clip: float | None = None, grad_accum: int = 1,
-                 lr_scale: float = 1.0):
+                 lr_scale: float = 1.0, prox_mu: float = 0.0, anchored: Iterable[str] = ()):
         super().__init__()
         self.tokens = tokens or Tokens()
         self.model = model
@@ -80,6 +87,9 @@ class LocalTraining(L.LightningModule):
         self.grad_clip = grad_clip
         self.steps = list(steps) if steps is not None else None  # None: not stacked
         self.grad_accum, self.lr_scale = grad_accum, lr_scale
+        self.prox_mu = prox_mu
+        self.anchored = [n for n in anchored if n in self.trainable] if prox_mu > 0 else []
+        self.anchors: list[tuple[nn.Parameter, torch.Tensor]] = []  # (tensor, its value at the fit's start)
         self.losses: list[torch.Tensor] = []  # [clients] a step: each client's loss of the step
         self.parts: list[torch.Tensor] = []  # the same, of each batch of the step so far
         self.on_first_backward = on_first_backward  # sees the model's gradients once, before clipping
@@ -89,18 +99,30 @@ class LocalTraining(L.LightningModule):
     def clients(self) -> int:
         return len(self.steps) if self.steps else 1
 
-    def training_step(self, batch, step: int, total: torch.Tensor | None = None):
+    def training_step(self, batch, step: int, total: torch.Tensor | None = None, first: bool = True):
         """The loss to differentiate of one batch of step `step`. total=None: each client's mean loss on
         it (a step of one batch); else each client's summed loss over `total` ([clients]: its count in the
-        whole accumulated step), so the step's batches add up to its mean over all of them."""
+        whole accumulated step), so the step's batches add up to its mean over all of them. The step's
+        `first` batch carries the proximal term, where there is one."""
         if total is None:
             per_client = self.task.loss(self.model, batch, clients=self.clients)
         else:
             per_client = self.task.loss_sum(self.model, batch, clients=self.clients) / total
         self.parts.append(per_client.detach())
+        if self.anchors and first:
+            per_client = per_client + self.proximal()
         if self.steps is None:
             return per_client[0]
         return (per_client * self.active[step]).sum()
+
+    def proximal(self) -> torch.Tensor:
+        """[clients] mu/2 ||w - w0||^2 of each client over the anchored tensors (a stacked tensor's leading dim is
+        its clients)."""
+        if self.steps is None:
+            sq = sum((p - a).pow(2).sum() for p, a in self.anchors).reshape(1)
+        else:
+            sq = sum((p - a).pow(2).flatten(1).sum(1) for p, a in self.anchors)
+        return 0.5 * self.prox_mu * sq
 
     def count_tokens(self, batch: dict[str, torch.Tensor], step: int) -> None:
         """The input tokens of the clients still stepping, counted on the host batch (no device read-back)."""
@@ -136,6 +158,8 @@ class LocalTraining(L.LightningModule):
             t = torch.arange(max(self.steps)).unsqueeze(1)
             self.active = (t < torch.tensor(self.steps).unsqueeze(0)).to(engine.device)
         self.model.train()  # dropout is on while training
+        params = dict(self.model.named_parameters())
+        self.anchors = [(params[n], params[n].detach().clone()) for n in self.anchored]
         try:
             for step, micro in enumerate(accumulated(batches, self.grad_accum)):
                 optimizer.zero_grad(set_to_none=True)
@@ -143,10 +167,10 @@ class LocalTraining(L.LightningModule):
                 total = None if self.grad_accum == 1 else sum(
                     self.task.loss_count(b, clients=self.clients) for b in micro).clamp_min(1).to(engine.device)
                 self.parts = []
-                for batch in micro:
+                for j, batch in enumerate(micro):
                     self.count_tokens(batch, step)
                     with engine.autocast():
-                        loss = self.training_step(engine.to_device(batch), step, total)
+                        loss = self.training_step(engine.to_device(batch), step, total, first=j == 0)
                     engine.fabric.backward(loss)
                     if self.on_first_backward is not None:
                         self.on_first_backward(self.model)
@@ -160,6 +184,7 @@ class LocalTraining(L.LightningModule):
                 restore_slices(kept, done)
             optimizer.zero_grad(set_to_none=True)  # no gradient outlives the fit
         finally:
+            self.anchors = []
             self.model.eval()
 
     def client_losses(self) -> list[float]:
@@ -261,7 +286,7 @@ def train_local(model: nn.Module, trainable: Iterable[str], batches, fitting: Fi
     """
     module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, on_first_backward=on_first_backward,
                            tokens=fitting.tokens, grad_clip=fitting.grad_clip, grad_accum=fitting.grad_accum,
-                           lr_scale=fitting.lr_scale)
+                           lr_scale=fitting.lr_scale, prox_mu=fitting.prox_mu, anchored=fitting.anchored)
     module.fit(fitting.engine, batches)
     return module.client_losses()[0]
 
@@ -276,7 +301,8 @@ def train_cohort(model: nn.Module, trainable: Sequence[str], states: Sequence[St
     """
     with stacked(model, states) as params:
         module = LocalTraining(model, trainable, fitting.task, fitting.optimizer, steps, on_first_backward,
-                               fitting.tokens, fitting.grad_clip, fitting.grad_accum, fitting.lr_scale)
+                               fitting.tokens, fitting.grad_clip, fitting.grad_accum, fitting.lr_scale,
+                               fitting.prox_mu, fitting.anchored)
         # each client reads steps x grad_accum batches; one past its steps stays masked for all of a step's
         module.fit(fitting.engine, CohortBatches(loaders, [s * fitting.grad_accum for s in steps], pad_id))
         finals = [{n: params[n].detach()[k].to("cpu", copy=True) for n in states[0]} for k in range(len(states))]

@@ -100,6 +100,8 @@ class ClientConfig:
     lr_warmup_rounds: Annotated[int, Range(ge=0)] = 0  # the rate rises linearly over these first rounds
     lr_min_ratio: Annotated[float, Range(ge=0, le=1)] = 0.0  # cosine and linear end at this share of lr (last round)
     grad_accum: Annotated[int, Range(ge=1)] = 1  # batches summed into each local step (local_steps x this drawn)
+    # FedProx (Li et al. 2020): mu/2 ||w - w_received||^2 over the client's shared trained tensors joins its loss; 0: off
+    prox_mu: Annotated[float, Range(ge=0)] = 0.0
 
     def __post_init__(self):
         for key in ("local_steps", "batch_size", "eval_batch_size"):
@@ -122,6 +124,8 @@ class ClientConfig:
             raise ConfigError(f"client.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if self.grad_accum < 1:
             raise ConfigError(f"client.grad_accum must be >= 1 (1: no accumulation), got {self.grad_accum}")
+        if not self.prox_mu >= 0:
+            raise ConfigError(f"client.prox_mu (FedProx's mu) must be >= 0 (0: no proximal term), got {self.prox_mu}")
         if self.scheduled and self.lr is None:
             raise ConfigError(f"client.lr_schedule={self.lr_schedule} with client.lr_warmup_rounds="
                              f"{self.lr_warmup_rounds} schedules client.lr, which is null; set client.lr")

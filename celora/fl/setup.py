@@ -11,6 +11,7 @@ from torch import nn
 from celora.data.batches import Collate, Encoded
 from celora.data.partition import ClientSplit
 from celora.fl.aggregators import Aggregator
+from celora.fl.server_opt import ServerOptimizer
 from celora.fl.wire import Exchange
 from celora.privacy.dp import NoPrivacy, Privacy
 from celora.tasks import Task
@@ -20,7 +21,7 @@ from celora.tasks.classify import Classify
 @dataclass
 class Method:
     """What is trained and how it travels: the adapted model (the one shared backbone), the wire's declaration,
-    the server's aggregator, the privacy of uploads and the task's loss and scores."""
+    the server's aggregator and optimizer, the privacy of uploads and the task's loss and scores."""
 
     model: nn.Module
     exchange: Exchange
@@ -28,6 +29,7 @@ class Method:
     task: Task = field(default_factory=Classify)
     privacy: Privacy = field(default_factory=NoPrivacy)
     lora_sb_init: bool = False  # Fed-SB: round 0 derives the frozen factors from the clients' gradients
+    server: ServerOptimizer = field(default_factory=ServerOptimizer)  # what the server does with the aggregate
 
 
 @dataclass

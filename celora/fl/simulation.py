@@ -23,6 +23,7 @@ from celora.fl.data_stats import Collected, collect
 from celora.fl.engine import Engine
 from celora.fl.evaluation import Advance, add, evaluate, personal_summary
 from celora.fl.participants import Clients, Pooled
+from celora.fl.server_opt import server_step
 from celora.fl.setup import Discard, EvalSet, Method, Recorder, RunData
 from celora.fl.states import ModelStates
 from celora.fl.wire import SEED_BYTES, Payload
@@ -63,8 +64,11 @@ class Simulation:
         self.recorder = recorder or Discard()
         self.num_classes = data.num_classes
         self.fitting = Fitting(method.task, client.optimizer, client.grad_clip, self.engine,
-                               grad_accum=client.grad_accum)
+                               grad_accum=client.grad_accum, prox_mu=client.prox_mu,
+                               anchored=tuple(n for n in method.exchange.shared if n in method.exchange.trainable))
         self.privacy = method.privacy
+        self.server = method.server  # server.*: a server optimizer on the aggregate, or none (FedAvg's own path)
+        self.moments: dict = {}  # its state: stream ("global", or a client id under a personalised aggregator) -> moments
         self.participants = (Pooled if method.aggregator.pooled else Clients)(data.splits)
         self.clients, self.trainers = self.participants.clients, self.participants.trainers
         initial = snapshot(method.model, method.exchange.trainable)
@@ -101,6 +105,7 @@ class Simulation:
             "data_stats": None if self.data_stats is None else [vars(s) for s in self.data_stats],
             "privacy": self.privacy.state_dict(),
             "frozen": self.frozen,
+            "server": self.moments,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,6 +125,7 @@ class Simulation:
             self.aggregator.prepare(self.data_stats)
         self.privacy.load_state_dict(state["privacy"])
         self.frozen = state.get("frozen")
+        self.moments = dict(state.get("server") or {})  # a checkpoint from before server optimizers: none
         if self.frozen is not None:
             lora_sb.install(self.model, self.frozen)
 
@@ -247,6 +253,8 @@ class Simulation:
                                            torch.Generator().manual_seed(derive_seed(self.seed, UPLOAD_NOISE, rnd)))
         if uploads:  # with every client rejected the server keeps its state
             result = self.aggregator(uploads, sizes, received)
+            if self.server.active and ex.shared:  # the aggregate as a pseudo-gradient (celora.fl.server_opt)
+                result, self.moments = server_step(self.server, result, self.states, received, self.moments)
             # clients not sampled keep their last personal state
             self.states.aggregated(result.global_state if ex.shared else None, result.personal)
             if result.weights is not None:
