@@ -290,9 +290,9 @@ def choose_server(root: Path, runs: Path, conf: Path, out: Path, methods: list[s
             body = body[:-1]
         text = "\n".join([
             "# @package _global_",
-            f"# {method} at the rates scripts/tune.py chose: client.lr {lr:g} (the tuned {base}'s), {axis.key} "
-            f"{best:g} (validation personal accuracy {scores[best]:.4f}, client.val_fraction=0.2, seed 0, "
-            "Dirichlet(0.5)); written by `python scripts/tune.py server-choose`.",
+            f"# {method} at the rates scripts/tune.py chose: client.lr {lr:g} (the tuned {base}'s), {axis.key} {best:g}",
+            f"# (validation personal accuracy {scores[best]:.4f}, client.val_fraction=0.2, seed 0, Dirichlet(0.5));",
+            "# written by `python scripts/tune.py server-choose`.",
             *[line for line in body if line.strip() != "# @package _global_"],
             "", "client:", *client, *([f"{section}:", f"  {key}: {best:g}"] if section != "client" else []), ""])
         conf.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # every dropout off: what the sequential simulation computes is then a function of the config alone.
 SAME = [*TINY, "partition=dirichlet", "partition.alpha=1.0", "fl.sample_fraction=0.67", "model.dropout=0",
         "adapter.dropout=0"]
-METHODS = ["lora", "fedsa_lora", "tri", "celora"]
+# FedAdam with FedProx in Ray is `slow` (about 30 s more); the local Grid runs it in every suite (below)
+METHODS = ["lora", "fedsa_lora", "tri", "celora", pytest.param("lora_fedadam", marks=pytest.mark.slow)]
+# Extra overrides of a method here: FedAdam's moments live on the server, FedProx's anchor on each ClientApp
+EXTRA = {"lora_fedadam": ["client.prox_mu=0.1", "server.eta=0.05"], "tri_fedyogi": ["client.prox_mu=0.1"]}
 # The Flower path runs the very operations of the sequential one in the same order (the same
 # Simulation.train_clients, the same seeds); only the BLAS thread count of a Ray worker may differ from
 # this process's, which reorders sums. tests/tolerance.py measured such reorderings in fp32 at K = 40
@@ -93,7 +96,7 @@ def _assert_same_uploads(ours: list[dict], theirs: list[dict]) -> None:
 # -- the same numbers in Flower's Simulation Runtime (Ray) -----------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_flower_simulation_equals_sequential(method, compose_cfg, tmp_path, monkeypatch):
-    cfg = compose_cfg(*SAME, f"method={method}")
+    cfg = compose_cfg(*SAME, f"method={method}", *EXTRA.get(method, []))
     seen = _recording(monkeypatch)
     run(cfg, tmp_path / "sequential")
     sequential_uploads = list(seen)
@@ -138,6 +141,26 @@ def test_the_local_grid_gives_the_sequential_numbers(compose_cfg, tmp_path, monk
     assert not any("lora_B" in name for m in grid.sent + grid.replies if not m.has_error()
                    for record in m.content.array_records.values() for name in record)
     assert any(P.PRIVATE in c.state for c in grid.contexts.values())
+
+
+@pytest.mark.parametrize("method", ["lora_fedadam", "tri_fedyogi"])
+def test_server_optimizers_and_fedprox_through_the_grid_give_the_sequential_numbers(method, compose_cfg, tmp_path,
+                                                                                     monkeypatch):
+    """The ServerApp steps the aggregate with the simulation's server optimizer, each ClientApp trains with the
+    simulation's proximal term: the same rows and uploads as `python -m celora` (the moments never travel)."""
+    cfg = compose_cfg(*SAME, f"method={method}", "fl.rounds=3", *EXTRA[method])
+    seen = _recording(monkeypatch)
+    run(cfg, tmp_path / "sequential")
+    sequential_uploads = list(seen)
+    seen.clear()
+    grid = _local(cfg)
+    serve(grid, cfg, tmp_path / "flower")
+    _assert_same_rows(_rows(tmp_path / "sequential"), _rows(tmp_path / "flower"))
+    _assert_same_uploads(sequential_uploads, seen)
+    names = {name for m in grid.sent + grid.replies if not m.has_error() for record in m.content.array_records.values()
+             for name in record}
+    shared = {n for upload in sequential_uploads for state in upload.values() for n in state}
+    assert names == shared  # the exchanged tensors and nothing else: no moment crosses the wire
 
 
 def _round_of(message) -> int | None:

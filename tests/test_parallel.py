@@ -57,7 +57,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, adapter, aggregator):
-    common = (f"adapter={adapter}", f"aggregator={aggregator}")
+    _assert_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, f"adapter={adapter}",
+                                       f"aggregator={aggregator}")
+
+
+def test_parallel_equals_sequential_with_fedprox_and_a_server_optimizer(compose_cfg, tmp_path, monkeypatch):
+    """FedProx's anchor is each client's own received tensors (A; FedSA-LoRA's private B has none), in a stacked
+    cohort its own slice; mu = 2 moves the uploads far more than the rounding the comparison allows."""
+    common = ("method=fedsa_lora", "server=adam", "server.eta=0.05")
+    seq = _assert_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, *common, "client.prox_mu=2")
+    _, without = _run(compose_cfg, tmp_path / "mu0", monkeypatch, *common, "simulation=sequential")
+    last, other = seq["uploads"][-1], without["uploads"][-1]
+    assert max(float((last[i][n] - other[i][n]).norm() / other[i][n].norm()) for i in last for n in last[i]
+               ) > 1e3 * DEEP * unit_roundoff(torch.float64)  # the term is there, far above the comparison's rounding
+
+
+def _assert_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, *common):
     seq, seq_rec = _run(compose_cfg, tmp_path / "seq", monkeypatch, *common, "simulation=sequential")
     # cohorts of 2: a round's 3 clients train as a stacked pair, then a stacked cohort of one
     par, par_rec = _run(compose_cfg, tmp_path / "par", monkeypatch, *common, "simulation=parallel",
@@ -75,6 +90,7 @@ def test_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, adapter,
             for name, t in us[i].items():
                 assert t.dtype == torch.float64
                 assert (up[i][name] - t).norm() <= DEEP * unit_roundoff(t.dtype) * t.norm(), (rnd, i, name)
+    return seq_rec
 
 
 def test_parallel_all_clients_in_one_cohort(compose_cfg, tmp_path, monkeypatch):

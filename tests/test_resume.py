@@ -23,6 +23,8 @@ MODES = {
     "sequential": ["simulation=sequential", "method=celora", "privacy.mode=local"],
     # private B on every client, stacked cohorts of 2 (a pair, then one), server-side noise
     "parallel": ["simulation=parallel", "simulation.cohort_size=2", "method=fedsa_lora", "privacy.mode=central"],
+    # FedAdam on CE-LoRA's mixes: the server's moments, one stream per mixed client and the global one, and FedProx
+    "server": ["simulation=sequential", "method=celora_fedadam", "privacy.mode=local", "client.prox_mu=0.1"],
 }
 
 

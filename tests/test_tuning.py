@@ -371,3 +371,40 @@ def test_a_frontier_run_at_r8_is_the_main_tables_dirichlet_05_seed_1_run(tmp_pat
         other = compose("config", overrides=["experiment=main_table", "+split=dirichlet_0.1",
                                              f"method=tuned/{method}", "seed=1"])
     assert result_config(front) == result_config(table) != result_config(other)
+
+
+# -- a server optimizer's or FedProx's second rate (scripts/tune.py server) ------------------------
+def _server_runs(root, method, key, accs):
+    for x, acc in accs.items():
+        d = root / method / f"{key.rsplit('.', 1)[-1]}={x:g}"
+        (d / ".hydra").mkdir(parents=True)
+        section, leaf = key.split(".")
+        client = {"lr": 0.002, "val_fraction": 0.2, **({leaf: x} if section == "client" else {})}
+        config = {"client": client, **({section: {leaf: x}} if section != "client" else {})}
+        (d / ".hydra" / "config.yaml").write_text(json.dumps(config))
+        (d / ".hydra" / "hydra.yaml").write_text(f"hydra: {{runtime: {{choices: {{method: {method}}}}}}}\n")
+        (d / "metrics.jsonl").write_text(json.dumps({"round": 15, "personal/acc": acc}) + "\n")
+        (d / "summary.json").write_text(json.dumps({"time/total_s": 600}))
+
+
+def test_server_choose_writes_both_rates_and_the_preset_composes_to_them(tmp_path):
+    tune = _tune()
+    conf = shutil.copytree(CONF_DIR, tmp_path / "conf")
+    tuned = conf / "method" / "tuned"
+    _server_runs(tmp_path / "runs", "lora_fedadam", "server.eta", {5e-3: 0.70, 1e-2: 0.74, 2e-2: 0.72})
+    _server_runs(tmp_path / "runs", "tri_fedprox", "client.prox_mu", {1e-3: 0.6, 1e-2: 0.65, 1e-1: 0.62})
+    _server_runs(tmp_path / "runs", "tri_fedavgm", "server.eta", {0.2: 0.5, 0.5: 0.6, 1.0: 0.7})  # best at the edge
+    methods = ["lora_fedadam", "tri_fedprox", "tri_fedavgm"]
+    md = tune.choose_server(tmp_path / "none", tmp_path / "runs", tuned, tmp_path / "t.md", methods)
+    assert "tri_fedavgm (3 rates finished; to run: 2)" in md and not (tuned / "tri_fedavgm.yaml").exists()
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        adam = compose("config", overrides=["method=tuned/lora_fedadam"])
+        prox = compose("config", overrides=["method=tuned/tri_fedprox"])
+        base_lora = compose("config", overrides=["method=tuned/lora"])
+        base_tri = compose("config", overrides=["method=tuned/tri"])
+    assert adam.server.optimizer == "adam" and adam.server.eta == 1e-2 and adam.client.lr == base_lora.client.lr
+    assert adam.adapter == base_lora.adapter and adam.aggregator == base_lora.aggregator
+    assert prox.client.prox_mu == 1e-2 and prox.server.optimizer is None and prox.client.lr == base_tri.client.lr
+    assert tune.wanted("x", {0.2: 0.5, 0.5: 0.6, 1.0: 0.7}, tune.SERVER_AXES["fedavgm"]) == [2.0]
+    with pytest.raises(SystemExit, match="is not <base>_<variant>"):
+        tune.split_variant("lora")
