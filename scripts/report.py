@@ -43,9 +43,17 @@ OURS = ("celora", "celora_local_head")
 NOT_BASELINES = ("centralized",)
 
 
+VARIANTS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")  # <method>_<variant>: a server optimizer or FedProx
+
+
 def arms(names, bare: tuple[str, ...]) -> list[str]:
-    """The values of a method column that are one of `bare`, tuned (`tuned/<name>`) or not."""
-    return [n for n in names if str(n).removeprefix("tuned/") in bare]
+    """The values of a method column that are one of `bare`, tuned (`tuned/<name>`) or not, with a server optimizer
+    or FedProx (`<name>_fedadam`, docs/server.md) or without."""
+    def base(name: str) -> str:
+        name = name.removeprefix("tuned/")
+        stem, _, variant = name.rpartition("_")
+        return stem if variant in VARIANTS else name
+    return [n for n in names if base(str(n)) in bare]
 
 
 def paired_report(runs: pd.DataFrame, by: list[str], metric: str, ours: tuple[str, ...], out: Path) -> str:

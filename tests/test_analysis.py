@@ -280,3 +280,15 @@ def test_group_weight_share(tmp_path):
     (tmp_path / "partition.json").write_text(json.dumps({"groups": None, "clients": clients}))
     with pytest.raises(ValueError, match="no latent groups"):
         group_weight_share(tmp_path)
+
+
+def test_a_celora_arm_with_a_server_optimizer_or_fedprox_is_ours_and_a_lora_one_a_baseline():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parents[1] / "scripts" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    names = ["tuned/celora", "tuned/celora_fedadam", "celora_local_head_fedprox", "tuned/lora_fedadam", "lora",
+             "tuned/tri_fedavgm", "celora_extra"]
+    assert report.arms(names, report.OURS) == ["tuned/celora", "tuned/celora_fedadam", "celora_local_head_fedprox"]
+    assert report.arms(names, ("lora",)) == ["tuned/lora_fedadam", "lora"]
