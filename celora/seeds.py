@@ -15,6 +15,7 @@ EVAL_CLIENTS = 10  # which clients personal evaluation scores when fl.eval_clien
 VALIDATION = 11  # each client's validation rows, carved out of its local train (client.val_fraction; client)
 LORA_SB_BATCH = 12  # the one batch each client computes Fed-SB's round-0 gradient on (client)
 PARTITION_REDRAW = 13  # the seeds a Dirichlet partition is drawn from after the run's own (attempt)
+FEATURE_NOISE = 14  # a feature_noise client's Gaussian noise on its images (client, then row)
 
 
 def derive_seed(*parts: int) -> int:

@@ -166,7 +166,14 @@ def build(cfg: DictConfig) -> Parts:
                         f"for its local train and test) but dataset.limit={limit}; use fl.num_clients <= "
                         f"{max(1, limit // 2)} or a larger dataset.limit")
     if fl and partition is not None:
-        part("partition", lambda: partition.group_of(fl.num_clients))
+        groups = part("partition", lambda: partition.group_of(fl.num_clients))
+        if aggregator is not None and aggregator.needs_groups:
+            if groups is None:
+                problems.append(f"the aggregator ({type(aggregator).__name__}) averages within the partition's true "
+                                f"latent groups, but partition ({type(partition).__name__}) has none; use "
+                                "partition=grouped, concept_shift or rotation_groups")
+            else:
+                aggregator.groups = list(groups)
 
     # How the parts combine: each rule reads what the parts declare, never their names.
     if privacy is not None and aggregator is not None:

@@ -17,7 +17,9 @@ from torch import nn
 from celora import evalsets, schema
 from celora.adapters import adapter_layers, inject
 from celora.data import load
+from celora.data.images import ImageData
 from celora.data.partition import ClientSplit, hold_out_validation
+from celora.data.views import View, Viewed
 from celora.errors import InputError
 from celora.fl.setup import Method, RunData
 from celora.fl.wire import Exchange
@@ -54,10 +56,34 @@ class World:
 
     def run_data(self) -> RunData:
         """The rows the run reads; a tuning run is scored on validation rows only (the global model on all
-        clients' pooled ones)."""
-        train = self.data.encoded("train")
-        test, rows = (self.data.encoded("test"), None) if self.validation is None else (train, self.validation)
-        return RunData(train, test, self.splits, self.backbone.collate(), self.data.num_classes, rows, self.eval_sets)
+        clients' pooled ones).
+
+        Where the partition gives clients views of their rows (celora.data.views: concept shift, noise,
+        rotation), the train rows are every client's view side by side and each client's row numbers are
+        those of its view; where latent groups share a view, the global test set is scored under each
+        group's (`test_groups`: global/acc_group<g>)."""
+        train, splits = self.data.encoded("train"), self.splits
+        classes = self.data.num_classes
+        if any(s.view is not None for s in splits):
+            train = Viewed(train, [s.view or View() for s in splits])
+            splits = [ClientSplit(train.rows(i, s.train), train.rows(i, s.test), s.view, s.truth)
+                      for i, s in enumerate(splits)]
+        n = self.parts.fl.num_clients
+        group_views = self.parts.partition.group_views(n, self.cfg.seed, classes)
+        groups = self.parts.partition.group_of(n) if group_views else None
+        if self.validation is not None:  # the clients' own validation rows, in their own views
+            test, by_group = train, None
+            rows = np.concatenate([s.test for s in splits])
+            if groups is not None:
+                by_group = [np.concatenate([s.test for s, g2 in zip(splits, groups) if g2 == g])
+                            for g in range(len(group_views))]
+        elif group_views is not None:
+            test = Viewed(self.data.encoded("test"), group_views)
+            by_group = [test.rows(g, range(test.n)) for g in range(len(group_views))]
+            rows = np.concatenate(by_group)
+        else:
+            test, rows, by_group = self.data.encoded("test"), None, None
+        return RunData(train, test, splits, self.backbone.collate(), classes, rows, self.eval_sets, by_group)
 
     def param_counts(self) -> dict:
         params = dict(self.model.named_parameters())
@@ -82,6 +108,7 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
         splits = hold_out_validation(splits, labels, parts.client.val_fraction, cfg.seed)
         validation = np.concatenate([s.test for s in splits])
     check_answers(backbone, data, parts.task, cfg)
+    check_views(parts.partition, data, cfg)
     parts.task.bind(backbone, data)
     model = backbone.classifier(data.num_classes, seed=cfg.seed, label_names=data.label_names)
     targets = adapter.targets or backbone.default_targets
@@ -92,6 +119,22 @@ def build_world(cfg: DictConfig, parts: Parts | None = None) -> World:
     exchange = Exchange.of(model, adapter, communicates=aggregator.communicates)
     sets = evalsets.load(cfg, backbone, data, cfg.seed)
     return World(cfg, parts, backbone, data, splits, model, exchange, validation, sets)
+
+
+def check_views(partition, data, cfg) -> None:
+    """A partition that shows clients their images changed (feature_noise, rotation_groups) needs image data, and one
+    that permutes their labels (concept_shift) needs class labels, not a causal LM's answer tokens."""
+    name = type(partition).__name__
+    dataset = cfg.dataset.get("_target_", "this dataset")
+    if partition.images_only and not isinstance(data, ImageData):
+        raise InputError(f"the partition ({name}) adds noise to or rotates each client's images, but the dataset "
+                         f"({dataset}) gives token ids; use it with an image dataset (dataset=mnist, fashion_mnist, "
+                         "digits or hf_image), or another partition (concept_shift and quantity_skew split any "
+                         "classification data)")
+    if partition.relabels and data.answers != "classes":
+        raise InputError(f"the partition ({name}) permutes each group's class labels, but the dataset ({dataset}) "
+                         "is answered in tokens (a causal LM's instruction rows); use it with classification data "
+                         "(dataset=rotten_tomatoes, glue, mnist, ...), or another partition")
 
 
 def check_answers(backbone, data, task, cfg) -> None:

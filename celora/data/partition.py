@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -14,8 +14,9 @@ from flwr_datasets.partitioner import (
 )
 from sklearn.model_selection import train_test_split
 
+from celora.data.views import View
 from celora.errors import ConfigError, InputError
-from celora.seeds import PARTITION_REDRAW, VALIDATION, derive_seed
+from celora.seeds import FEATURE_NOISE, PARTITION_REDRAW, VALIDATION, derive_seed
 
 INDEX = "__index__"
 FLWR_DRAWS = 10  # DirichletPartitioner's draws per seed before it gives up (fixed in flwr-datasets)
@@ -23,10 +24,13 @@ FLWR_DRAWS = 10  # DirichletPartitioner's draws per seed before it gives up (fix
 
 @dataclass
 class ClientSplit:
-    """One client's rows of `TextData.train`: what it trains on and its own held-out local test."""
+    """One client's rows of `TextData.train`: what it trains on and its own held-out local test; how it sees
+    them (`view`: None, as they are) and what partition.json records of its ground truth (`truth`)."""
 
     train: np.ndarray
     test: np.ndarray
+    view: View | None = None
+    truth: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -56,12 +60,43 @@ class Partition:
                     f"client {cid} got {len(rows)} example(s) (a client needs >= 2 for local train and test); "
                     f"use fewer clients{self._hint()}.")
         labels = _column(dataset, label_column)
-        return [self._local_split(rows, labels, np.random.SeedSequence([seed, cid]))
-                for cid, rows in enumerate(parts)]
+        views = self.views(num_clients, seed, _num_classes(dataset, labels, label_column))
+        truths = self._truths(num_clients)
+        out = []
+        for cid, rows in enumerate(parts):
+            # a client's local test rows are carved on its view's labels (a permutation keeps the strata)
+            split = self._local_split(rows, labels, np.random.SeedSequence([seed, cid]))
+            split.view = None if views is None or views[cid].plain else views[cid]
+            split.truth = {**truths[cid], **({} if split.view is None else split.view.truth())}
+            out.append(split)
+        return out
 
     def group_of(self, num_clients: int) -> list[int] | None:
         """Client id -> its latent group, where the partition has a ground truth of groups; None otherwise."""
         return None
+
+    def views(self, num_clients: int, seed: int, num_classes: int) -> list[View] | None:
+        """Each client's view of its rows (celora.data.views), where the partition gives one; None otherwise."""
+        return None
+
+    def group_views(self, num_clients: int, seed: int, num_classes: int) -> list[View] | None:
+        """Each latent group's view, where clients of a group share one (the global test set is scored under each,
+        global/acc_group<g>); None otherwise."""
+        return None
+
+    @property
+    def images_only(self) -> bool:
+        """Whether its views change pixels, so only image data can be split by it."""
+        return False
+
+    @property
+    def relabels(self) -> bool:
+        """Whether its views change labels, so only data answered by a class id can be split by it."""
+        return False
+
+    def _truths(self, num_clients: int) -> list[dict]:
+        """Per client: its ground truth beyond its rows and view (e.g. a drawn share), for partition.json."""
+        return [{} for _ in range(num_clients)]
 
     def _columns(self, label_column: str) -> list[str]:
         return [label_column]
@@ -103,7 +138,7 @@ def hold_out_validation(splits: list[ClientSplit], labels: np.ndarray, fraction:
                              "needs >= 2 (one to train on, one to validate); use fewer clients or "
                              "client.val_fraction=0")
         train, val = carve(s.train, labels, fraction, derive_seed(seed, VALIDATION, cid) % 2**32)
-        out.append(ClientSplit(train=train, test=val))
+        out.append(ClientSplit(train=train, test=val, view=s.view, truth=s.truth))
     return out
 
 
@@ -287,22 +322,7 @@ class Grouped(Partition):
 
     def _group_sizes(self, num_clients: int) -> list[int]:
         """Clients in each group."""
-        if self.clients_per_group is None:
-            if num_clients % self.groups:
-                raise ConfigError(f"num_clients={num_clients} is not divisible by groups={self.groups}; use a "
-                                 f"multiple of {self.groups} clients, change groups, or set clients_per_group "
-                                 f"so that groups * clients_per_group = num_clients (or a list, one per group).")
-            return [num_clients // self.groups] * self.groups
-        if isinstance(self.clients_per_group, list):
-            if sum(self.clients_per_group) != num_clients:
-                raise ConfigError(f"clients_per_group={self.clients_per_group} adds up to "
-                                 f"{sum(self.clients_per_group)} but num_clients={num_clients}; make them agree.")
-            return list(self.clients_per_group)
-        if self.groups * self.clients_per_group != num_clients:
-            raise ConfigError(f"groups={self.groups} * clients_per_group={self.clients_per_group} = "
-                             f"{self.groups * self.clients_per_group} but num_clients={num_clients}; set "
-                             f"clients_per_group to num_clients / groups, set it to null, or change groups.")
-        return [self.clients_per_group] * self.groups
+        return group_sizes(self.groups, self.clients_per_group, num_clients)
 
     def group_of(self, num_clients: int) -> list[int]:
         """Client id -> group id (group-major: clients 0..m-1 are group 0, m..2m-1 group 1, ...)."""
@@ -361,6 +381,231 @@ class Grouped(Partition):
         return parts
 
 
+def _num_classes(dataset: datasets.Dataset, labels: np.ndarray, label_column: str) -> int:
+    feature = dataset.features.get(label_column) if hasattr(dataset, "features") else None
+    declared = getattr(feature, "num_classes", 0) or 0
+    return max(declared, int(labels.max()) + 1 if len(labels) and np.issubdtype(labels.dtype, np.integer) else 0)
+
+
+def group_sizes(groups: int, clients_per_group: int | list[int] | None, num_clients: int) -> list[int]:
+    """Clients in each latent group: num_clients / groups each (null), one number for all, or one per group."""
+    if clients_per_group is None:
+        if num_clients % groups:
+            raise ConfigError(f"num_clients={num_clients} is not divisible by groups={groups}; use a "
+                              f"multiple of {groups} clients, change groups, or set clients_per_group "
+                              f"so that groups * clients_per_group = num_clients (or a list, one per group).")
+        return [num_clients // groups] * groups
+    if isinstance(clients_per_group, list):
+        if sum(clients_per_group) != num_clients:
+            raise ConfigError(f"clients_per_group={clients_per_group} adds up to "
+                              f"{sum(clients_per_group)} but num_clients={num_clients}; make them agree.")
+        return list(clients_per_group)
+    if groups * clients_per_group != num_clients:
+        raise ConfigError(f"groups={groups} * clients_per_group={clients_per_group} = "
+                          f"{groups * clients_per_group} but num_clients={num_clients}; set "
+                          f"clients_per_group to num_clients / groups, set it to null, or change groups.")
+    return [clients_per_group] * groups
+
+
+def _check_groups(groups: int, clients_per_group) -> int | list[int] | None:
+    """The checked `clients_per_group` (plain ints: Hydra passes a ListConfig)."""
+    if groups < 1:
+        raise ConfigError(f"partition.groups={groups} must be >= 1.")
+    if clients_per_group is None:
+        return None
+    if not isinstance(clients_per_group, int):
+        clients_per_group = [int(m) for m in clients_per_group]
+        if len(clients_per_group) != groups:
+            raise ConfigError(f"partition.clients_per_group={clients_per_group} has {len(clients_per_group)} entries "
+                              f"but groups={groups}; give one number per group, or one for all.")
+    if min(clients_per_group if isinstance(clients_per_group, list) else [clients_per_group]) < 1:
+        raise ConfigError(f"partition.clients_per_group={clients_per_group} must be >= 1, or null to use "
+                          "num_clients / groups.")
+    return clients_per_group
+
+
+@dataclass
+class QuantitySkew(Partition):
+    """Client sizes from Dir(beta) over the clients (NIID-Bench's quantity skew, Li et al. 2022), labels IID.
+
+    The shares p ~ Dir(beta, ..., beta) are drawn from the run's seed and each client gets round(p_i n) rows
+    (largest remainder) of a seeded shuffle, so its labels follow the whole set's. Drawn again until every
+    client has `min_partition_size` rows, up to `max_draws` draws. partition.json records each client's share."""
+
+    beta: float = 0.5
+    min_partition_size: int = 10
+    max_draws: int = 1000
+    shares: np.ndarray | None = field(default=None, init=False, repr=False)  # the last split's drawn shares
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ConfigError(f"partition.beta={self.beta} must be > 0 (0.1: a few clients hold most rows, 10: "
+                              "near equal sizes).")
+        if self.min_partition_size < 2:
+            raise ConfigError(f"partition.min_partition_size={self.min_partition_size} must be >= 2 (a client needs "
+                              "a row to train on and one to test).")
+        if self.max_draws < 1:
+            raise ConfigError(f"partition.max_draws={self.max_draws} must be >= 1.")
+
+    def _assign(self, ds, num_clients, seed, label_column):
+        n = len(ds)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)
+        for _ in range(self.max_draws):
+            shares = rng.dirichlet(np.full(num_clients, float(self.beta)))
+            sizes = _apportion(n, shares)
+            if sizes.min() >= self.min_partition_size:
+                self.shares = shares
+                return np.split(order, np.cumsum(sizes)[:-1])
+        raise InputError(f"quantity skew Dir(beta={self.beta}) gave some of the {num_clients} clients fewer than "
+                         f"partition.min_partition_size={self.min_partition_size} of {n} rows in {self.max_draws} "
+                         "draws; use fewer clients, a larger beta, a smaller min_partition_size or a larger max_draws.")
+
+    def _truths(self, num_clients):
+        return [{"share": float(p)} for p in self.shares]
+
+
+@dataclass
+class _Based(Partition):
+    """A partition over an IID split (alpha null) or a Dirichlet(alpha) label-skewed one."""
+
+    alpha: float | None = None
+    min_partition_size: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"partition.alpha={self.alpha} must be > 0, or null for an IID split underneath.")
+
+    def _base(self) -> Partition:
+        if self.alpha is None:
+            return Iid(self.local_test_fraction)
+        return Dirichlet(self.local_test_fraction, alpha=self.alpha, min_partition_size=self.min_partition_size)
+
+    def _assign(self, ds, num_clients, seed, label_column):
+        return self._base()._assign(ds, num_clients, seed, label_column)
+
+
+@dataclass
+class _GroupedViews(_Based):
+    """Latent groups of clients (group-major: clients 0..m-1 are group 0, ...), each with its own view."""
+
+    groups: int = 2
+    clients_per_group: int | list[int] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.clients_per_group = _check_groups(self.groups, self.clients_per_group)
+
+    def group_of(self, num_clients: int) -> list[int]:
+        return [g for g, m in enumerate(group_sizes(self.groups, self.clients_per_group, num_clients))
+                for _ in range(m)]
+
+    def views(self, num_clients, seed, num_classes):
+        per_group = self.group_views(num_clients, seed, num_classes)
+        return [per_group[g] for g in self.group_of(num_clients)]
+
+    def _truths(self, num_clients):
+        return [{"group": g} for g in self.group_of(num_clients)]
+
+
+@dataclass
+class ConceptShift(_GroupedViews):
+    """Concept shift: the same inputs, another label per latent group (as in IFCA, Ghosh et al. 2020).
+
+    Group g sees class c as permutations[g][c]; by default group g shifts the class ids by g
+    ((c + g) mod classes: with two classes, group 1 flips them). A client's train and local test rows carry
+    its group's labels; the global test set is scored under every group's labels (global/acc_group<g>, and
+    global/acc over all of them). Underneath: an IID split (alpha null) or Dirichlet(alpha)."""
+
+    permutations: list[list[int]] | None = None
+
+    @property
+    def relabels(self) -> bool:
+        return True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.permutations is not None:
+            self.permutations = [[int(c) for c in p] for p in self.permutations]
+            if len(self.permutations) != self.groups:
+                raise ConfigError(f"partition.permutations has {len(self.permutations)} entries but groups="
+                                  f"{self.groups}; give one permutation of the class ids per group.")
+            for g, p in enumerate(self.permutations):
+                if sorted(p) != list(range(len(p))):
+                    raise ConfigError(f"partition.permutations[{g}]={p} is not a permutation of 0..{len(p) - 1}.")
+
+    def group_views(self, num_clients, seed, num_classes):
+        if self.permutations is None:
+            if self.groups > num_classes:
+                raise InputError(f"concept_shift with groups={self.groups} but {num_classes} classes: shifting the "
+                                 f"class ids gives only {num_classes} distinct labelings; use at most {num_classes} "
+                                 "groups or set partition.permutations (one permutation per group).")
+            maps = [[(c + g) % num_classes for c in range(num_classes)] for g in range(self.groups)]
+        else:
+            wrong = [g for g, p in enumerate(self.permutations) if len(p) != num_classes]
+            if wrong:
+                raise InputError(f"partition.permutations[{wrong[0]}] has {len(self.permutations[wrong[0]])} entries "
+                                 f"but the task has {num_classes} classes; give a permutation of 0..{num_classes - 1}.")
+            maps = self.permutations
+        return [View(label_map=tuple(m)) for m in maps]
+
+
+@dataclass
+class RotationGroups(_GroupedViews):
+    """Feature shift by latent group (IFCA's rotated images): group g sees its images rotated by angles[g]
+    degrees (multiples of 90, exact); by default 360 g / groups (groups of 1, 2 or 4). Images only."""
+
+    angles: list[int] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.angles is None:
+            if 360 % self.groups or (360 // self.groups) % 90:
+                raise ConfigError(f"rotation_groups with groups={self.groups} has no default angles (360 g / groups "
+                                  "is not a multiple of 90); set partition.angles, one multiple of 90 per group.")
+        else:
+            self.angles = [int(a) for a in self.angles]
+            if len(self.angles) != self.groups:
+                raise ConfigError(f"partition.angles has {len(self.angles)} entries but groups={self.groups}; "
+                                  "give one angle per group.")
+            bad = [a for a in self.angles if a % 90]
+            if bad:
+                raise ConfigError(f"partition.angles {bad} are not multiples of 90: rotations are exact quarter "
+                                  "turns (no interpolation).")
+
+    @property
+    def images_only(self) -> bool:
+        return True
+
+    def group_views(self, num_clients, seed, num_classes):
+        angles = self.angles or [360 * g // self.groups for g in range(self.groups)]
+        return [View(angle=a % 360) for a in angles]
+
+
+@dataclass
+class FeatureNoise(_Based):
+    """Noise-based feature imbalance (NIID-Bench, Li et al. 2022): client i adds Gaussian noise of std
+    sigma * i / num_clients (on the [0, 1] pixel scale) to its images, drawn once per (client, row) from the
+    run's seed. Underneath: an IID split (alpha null) or Dirichlet(alpha). Images only."""
+
+    sigma: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.sigma >= 0:
+            raise ConfigError(f"partition.sigma={self.sigma} must be >= 0 (the noise std of the last client).")
+
+    @property
+    def images_only(self) -> bool:
+        return True
+
+    def views(self, num_clients, seed, num_classes):
+        return [View(noise_std=self.sigma * i / num_clients, noise_seed=derive_seed(seed, FEATURE_NOISE, i))
+                for i in range(num_clients)]
+
+
 def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
     """Split `total` into integers proportional to `weights` (largest remainder; ties to lower index)."""
     exact = total * weights / weights.sum()
@@ -374,9 +619,15 @@ def label_counts(dataset: datasets.Dataset, splits: list[ClientSplit], num_class
                  label_column: str = "label") -> list[dict]:
     """Per client: sizes and per-class counts of local train and test (for partition.json and the log)."""
     labels = _column(dataset, label_column)
+
+    def seen(rows: np.ndarray, view: View | None) -> np.ndarray:  # the labels as the client sees them
+        y = labels[rows]
+        return y if view is None or view.label_map is None else np.asarray(view.label_map)[y]
+
     return [{"client": cid, "train_size": len(s.train), "test_size": len(s.test),
-             "train_counts": np.bincount(labels[s.train], minlength=num_classes).tolist(),
-             "test_counts": np.bincount(labels[s.test], minlength=num_classes).tolist()}
+             "train_counts": np.bincount(seen(s.train, s.view), minlength=num_classes).tolist(),
+             "test_counts": np.bincount(seen(s.test, s.view), minlength=num_classes).tolist(),
+             **({"truth": s.truth} if s.truth else {})}
             for cid, s in enumerate(splits)]
 
 

@@ -48,6 +48,7 @@ class Aggregator(Protocol):
     """
 
     communicates: bool = True  # False: nothing crosses the wire, each client trains alone (no bytes, no DP)
+    needs_groups: bool = False  # True: it reads the partition's latent groups (`groups`, a reference that knows them)
     pooled: bool = False  # True: one trainer on the union of the clients' data (the centralized reference)
     personalised: bool = False  # True: each client receives its own mix (Aggregate.personal), not one aggregate
     data_stats: DataStats | None = None  # the data summaries clients upload once before round 1; None: none
@@ -84,3 +85,29 @@ class Centralized(FedAvg):
 
     communicates = False
     pooled = True
+
+
+@dataclass
+class GroupOracle(Aggregator):
+    """A reference no real server can run: FedAvg within each true latent group of clients (the partition's
+    ground truth, `groups`: client id -> group, set from `partition.group_of` when the run is built). Every
+    client of a group that uploaded receives the group's example-weighted mean; the global state is the mean
+    of all uploads. On splits with latent groups (grouped, concept_shift, rotation_groups) it is the upper
+    bound a personalised aggregator can approach without knowing the groups."""
+
+    personalised = True
+    needs_groups = True  # validate.build gives it the partition's groups, or refuses a partition without them
+    groups: list[int] | None = field(default=None, init=False)
+
+    def __call__(self, uploads: Mapping[int, State], sizes: Mapping[int, int],
+                 received: Mapping[int, State] | None = None) -> Aggregate:
+        if self.groups is None:
+            raise ValueError("GroupOracle has no groups: validate.build sets them from the partition")
+        ids = sorted(uploads)
+        global_state = weighted_average([uploads[i] for i in ids], [sizes[i] for i in ids])
+        personal = {}
+        for g in sorted({self.groups[i] for i in ids}):
+            members = [i for i in ids if self.groups[i] == g]
+            mean = weighted_average([uploads[i] for i in members], [sizes[i] for i in members])
+            personal.update({j: mean for j, group in enumerate(self.groups) if group == g})
+        return Aggregate(global_state, personal)

@@ -118,6 +118,7 @@ def server_step(opt: ServerOptimizer, result: Aggregate, states: ModelStates, re
     new_global, out[GLOBAL] = opt.step(states.global_state, pseudo_gradient(result.global_state, base),
                                        moments.get(GLOBAL))
     personal = {}
-    for i, mixed in result.personal.items():
-        personal[i], out[i] = opt.step(states.received(i), pseudo_gradient(mixed, received[i]), moments.get(i))
+    for i, mixed in result.personal.items():  # a client mixed but not sampled (a group's): from what it holds
+        base_i = received[i] if i in received else states.received(i)
+        personal[i], out[i] = opt.step(states.received(i), pseudo_gradient(mixed, base_i), moments.get(i))
     return replace(result, global_state=new_global, personal=personal), out

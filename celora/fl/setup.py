@@ -58,6 +58,9 @@ class RunData:
     num_classes: int = 2
     test_rows: Sequence[int] | None = None
     eval_sets: Sequence[EvalSet] = ()  # other data scored at every evaluation (celora.evalsets)
+    # the global evaluation's rows of `test` per latent group that sees the data its own way (global/acc_group<g>;
+    # concept_shift, rotation_groups); None: no such groups, `test_rows` scored as one
+    test_groups: Sequence[Sequence[int]] | None = None
 
 
 class Recorder(Protocol):

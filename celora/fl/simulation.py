@@ -27,6 +27,7 @@ from celora.fl.server_opt import server_step
 from celora.fl.setup import Discard, EvalSet, Method, Recorder, RunData
 from celora.fl.states import ModelStates
 from celora.fl.wire import SEED_BYTES, Payload
+from celora.metrics import GROUP_ACC
 from celora.progress import bar
 from celora.seeds import BATCHES, DROPOUT, SAMPLING, UPLOAD_NOISE, derive_seed
 from celora.similarity import ClassStats
@@ -345,13 +346,21 @@ class Simulation:
         rows = (len(self.test_rows) if state is not None else 0) + sum(len(self.clients[i].test) for i in self.evaluated)
         rows += sum(len(s) * ((state is not None) + s.personal * len(self.evaluated)) for s in self.data.eval_sets)
         with bar(rows, "evaluation", self.progress, unit="row") as rows_done:
+            groups = self.data.test_groups or []
             if state is not None:  # one model: evaluated on its own tensors in either grouping
                 load(self.model, state)
-                sums = evaluate(self.model, self.test_data, self.test_rows, bs, self.collate, task,
-                                self.engine, rows_done.update)
+                if groups:  # each latent group's view of the test rows, then all of them
+                    parts = [evaluate(self.model, self.test_data, rows, bs, self.collate, task, self.engine,
+                                      rows_done.update) for rows in groups]
+                    out.update({f"{GROUP_ACC}{g}": task.rates(p)["acc"] for g, p in enumerate(parts)})
+                    sums = add(parts)
+                else:
+                    sums = evaluate(self.model, self.test_data, self.test_rows, bs, self.collate, task,
+                                    self.engine, rows_done.update)
                 out.update({f"global/{k}": v for k, v in task.rates(sums).items()})
             else:
                 out.update({f"global/{k}": math.nan for k in task.metrics})
+                out.update({f"{GROUP_ACC}{g}": math.nan for g in range(len(groups))})
             results = list(self.personal_sums(self.evaluated, rows_done.update).values())
             for scored in self.data.eval_sets:
                 out.update(self.evaluate_set(scored, state, rows_done.update))
