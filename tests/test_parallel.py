@@ -72,6 +72,13 @@ def test_parallel_equals_sequential_with_fedprox_and_a_server_optimizer(compose_
                ) > 1e3 * DEEP * unit_roundoff(torch.float64)  # the term is there, far above the comparison's rounding
 
 
+def test_parallel_equals_sequential_under_concept_shift(compose_cfg, tmp_path, monkeypatch):
+    """Each client of a stacked cohort reads its own view of the rows (its group's labels) and the global model is
+    scored under every group's (global/acc_group<g>), as one client at a time does."""
+    _assert_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, "method=celora", "partition=concept_shift",
+                                       "partition.alpha=0.5")
+
+
 def _assert_parallel_equals_sequential(compose_cfg, tmp_path, monkeypatch, *common):
     seq, seq_rec = _run(compose_cfg, tmp_path / "seq", monkeypatch, *common, "simulation=sequential")
     # cohorts of 2: a round's 3 clients train as a stacked pair, then a stacked cohort of one

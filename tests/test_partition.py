@@ -12,7 +12,19 @@ from omegaconf import OmegaConf
 
 from flwr_datasets.partitioner import DirichletPartitioner
 
-from celora.data.partition import ClientSplit, Dirichlet, Grouped, Iid, Natural, Pathological, label_counts
+from celora.data.partition import (
+    ClientSplit,
+    ConceptShift,
+    Dirichlet,
+    FeatureNoise,
+    Grouped,
+    Iid,
+    Natural,
+    Pathological,
+    QuantitySkew,
+    RotationGroups,
+    label_counts,
+)
 from celora.data.text import hold_out, rt_reviews, rt_source, take
 from tolerance import gamma
 
@@ -35,6 +47,11 @@ PARTITIONS = {
     "pathological": Pathological(classes_per_client=1),
     "natural": Natural(column="user"),
     "grouped": Grouped(groups=3, skew=0.8),
+    "quantity_skew": QuantitySkew(beta=1.0, min_partition_size=10),
+    "concept_shift": ConceptShift(groups=2),
+    "concept_shift_dirichlet": ConceptShift(groups=3, alpha=0.5),
+    "feature_noise": FeatureNoise(sigma=0.2),
+    "rotation_groups": RotationGroups(groups=2, alpha=1.0),
 }
 
 

@@ -67,7 +67,7 @@ class Partition:
             # a client's local test rows are carved on its view's labels (a permutation keeps the strata)
             split = self._local_split(rows, labels, np.random.SeedSequence([seed, cid]))
             split.view = None if views is None or views[cid].plain else views[cid]
-            split.truth = {**truths[cid], **({} if split.view is None else split.view.truth())}
+            split.truth = {**truths[cid], **({} if views is None else views[cid].truth())}
             out.append(split)
         return out
 
@@ -549,7 +549,7 @@ class ConceptShift(_GroupedViews):
                 raise InputError(f"partition.permutations[{wrong[0]}] has {len(self.permutations[wrong[0]])} entries "
                                  f"but the task has {num_classes} classes; give a permutation of 0..{num_classes - 1}.")
             maps = self.permutations
-        return [View(label_map=tuple(m)) for m in maps]
+        return [View(label_map=None if list(m) == sorted(m) else tuple(m)) for m in maps]  # identity: as they are
 
 
 @dataclass
