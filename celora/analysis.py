@@ -406,7 +406,8 @@ def group_weight_share(run: str | Path) -> pd.DataFrame:
     """
     part = json.loads((Path(run) / "partition.json").read_text())
     if part.get("groups") is None:
-        raise ValueError(f"{run}'s partition has no latent groups (use partition=grouped or fashion_tasks)")
+        raise ValueError(f"{run}'s partition has no latent groups (use partition=grouped, concept_shift, "
+                         "rotation_groups or fashion_tasks)")
     groups = np.asarray(part["groups"])
     sizes = np.array([c["train_size"] for c in part["clients"]], dtype=float)
     rows, _ = _read_jsonl(Path(run) / "weights.jsonl")

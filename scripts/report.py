@@ -40,7 +40,7 @@ def pick_run(df: pd.DataFrame, run: str | None) -> Path:
 
 
 OURS = ("celora", "celora_local_head")
-NOT_BASELINES = ("centralized",)
+NOT_BASELINES = ("centralized", "group_oracle")  # references: the pooled data, the true groups (no real server has either)
 
 
 VARIANTS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")  # <method>_<variant>: a server optimizer or FedProx
