@@ -184,6 +184,8 @@ def test_method_presets_pick_adapter_and_aggregator(name):
         assert adapter.name == "tri" and agg.data_stats is not None
     elif name == "celora_local_head":  # CE-LoRA, each client keeping its own task head
         assert adapter.name == "tri" and adapter.head == "local" and agg.data_stats is not None
+    elif name == "group_oracle":  # LoRA, FedAvg within the partition's true latent groups (a reference)
+        assert adapter.name == "lora" and agg.personalised and agg.needs_groups and agg.communicates
     elif name == "tri_svd":  # frozen factors from W0's SVD, FedAvg
         assert adapter.name == "tri" and adapter.init == "svd" and agg.communicates and agg.data_stats is None
     elif name == "fed_sb":  # frozen factors from round 0's gradients (LoRA-SB), FedAvg
