@@ -8,6 +8,7 @@ a client's own view without knowing of it. Without a view nothing is wrapped: th
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,9 +78,9 @@ class Viewed(torch.utils.data.Dataset):
         first = view.pixels(row[0], r) if view.images_only else row[0]
         return (first, view.label(row[1]), *row[2:])
 
-    @property
+    @functools.cached_property
     def classes(self) -> list[int]:
-        """Each row's class as its view sees it (what the data summaries group by)."""
+        """Each row's class as its view sees it (what the data summaries group by), built once."""
         raw = self.data.classes
         return [view.label(y) for view in self.views for y in raw]
 

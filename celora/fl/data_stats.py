@@ -66,7 +66,8 @@ class DataStats:
         with autocast(engine):
             feats = [task.features(model, {k: v.to(device) for k, v in batch.items()}).double()
                      for batch in eval_batches(data, idx, self.batch_size, collate)]
-        return torch.cat(feats).cpu(), torch.tensor([data.classes[i] for i in order])
+        classes = data.classes  # read once: a client view's (celora.data.views) is a list it builds
+        return torch.cat(feats).cpu(), torch.tensor([classes[i] for i in order])
 
     def summarize(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   seed: int) -> tuple[ClassStats, float | None]:
