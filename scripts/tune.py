@@ -223,11 +223,17 @@ def choose(root: Path, runs: Path, conf: Path, out: Path, methods: list[str] = l
         if stale.exists():
             stale.unlink()
             print(f"removed {stale}: its tuning is not complete", file=sys.stderr)
-    md = ["Validation personal accuracy (last round) per learning rate, seed 0, client.val_fraction=0.2, "
-          "Dirichlet(0.5), 1 seed. Reproduce: `python scripts/tune.py run && python scripts/tune.py choose`.", ""]
+    return write_table("Validation personal accuracy (last round) per learning rate, seed 0, client.val_fraction=0.2, "
+                       "Dirichlet(0.5), 1 seed. Reproduce: `python scripts/tune.py run && python scripts/tune.py "
+                       "choose`.", table, runs, missing, out)
+
+
+def write_table(head: str, table: pd.DataFrame, runs: Path, missing: list[str], out: Path) -> str:
+    """The tuning table as markdown: `head`, the table, the kept runs' time, the methods not chosen yet; written to
+    `out` and returned."""
+    md = [head, ""]
     if len(table):
-        md.append(analysis.frame_markdown(table))
-        md += ["", analysis.run_time(analysis.per_run(analysis.load_runs(runs)))]
+        md += [analysis.frame_markdown(table), "", analysis.run_time(analysis.per_run(analysis.load_runs(runs)))]
     if missing:
         md += ["", "Not chosen yet: " + ", ".join(missing)]
     text = "\n".join(md) + "\n"
@@ -301,18 +307,10 @@ def choose_server(root: Path, runs: Path, conf: Path, out: Path, methods: list[s
     if len(table):
         rates = sorted((c for c in table.columns if c[0].isdigit()), key=float)
         table = table[[c for c in table.columns if not c[0].isdigit()] + rates]
-    md = ["Validation personal accuracy (last round) per server rate (server.eta; client.prox_mu for FedProx) at the "
-          "base method's tuned client rate, seed 0, client.val_fraction=0.2, Dirichlet(0.5), 1 seed. Reproduce: "
-          f"`python scripts/tune.py server --methods {' '.join(methods)} && python scripts/tune.py server-choose "
-          f"--methods {' '.join(methods)}`.", ""]
-    if len(table):
-        md += [analysis.frame_markdown(table), "", analysis.run_time(analysis.per_run(analysis.load_runs(runs)))]
-    if missing:
-        md += ["", "Not chosen yet: " + ", ".join(missing)]
-    text = "\n".join(md) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return write_table("Validation personal accuracy (last round) per server rate (server.eta; client.prox_mu for "
+                       "FedProx) at the base method's tuned client rate, seed 0, client.val_fraction=0.2, Dirichlet(0.5), "
+                       f"1 seed. Reproduce: `python scripts/tune.py server --methods {' '.join(methods)} && python "
+                       f"scripts/tune.py server-choose --methods {' '.join(methods)}`.", table, runs, missing, out)
 
 
 def main() -> None:

@@ -126,9 +126,9 @@ def _local(cfg, configs=None, fault=lambda m, i: None):
     return LocalGrid(client_app(cfg), configs, fault)
 
 
-def test_the_local_grid_gives_the_sequential_numbers(compose_cfg, tmp_path, monkeypatch):
-    """The Grid contract alone (no Ray): every message and reply is Flower's, every number is celora's."""
-    cfg = compose_cfg(*SAME, "method=fedsa_lora", "fl.rounds=3")
+def _sequential_then_grid(cfg, tmp_path, monkeypatch):
+    """Runs `cfg` sequentially, then through a local Grid, and checks that both give the same rows and uploads;
+    returns (the grid, the sequential run's uploads)."""
     seen = _recording(monkeypatch)
     run(cfg, tmp_path / "sequential")
     sequential_uploads = list(seen)
@@ -137,6 +137,12 @@ def test_the_local_grid_gives_the_sequential_numbers(compose_cfg, tmp_path, monk
     serve(grid, cfg, tmp_path / "flower")
     _assert_same_rows(_rows(tmp_path / "sequential"), _rows(tmp_path / "flower"))
     _assert_same_uploads(sequential_uploads, seen)
+    return grid, sequential_uploads
+
+
+def test_the_local_grid_gives_the_sequential_numbers(compose_cfg, tmp_path, monkeypatch):
+    """The Grid contract alone (no Ray): every message and reply is Flower's, every number is celora's."""
+    grid, _ = _sequential_then_grid(compose_cfg(*SAME, "method=fedsa_lora", "fl.rounds=3"), tmp_path, monkeypatch)
     # FedSA-LoRA's B never left a node: no message carries a lora_B
     assert not any("lora_B" in name for m in grid.sent + grid.replies if not m.has_error()
                    for record in m.content.array_records.values() for name in record)
@@ -149,14 +155,7 @@ def test_server_optimizers_and_fedprox_through_the_grid_give_the_sequential_numb
     """The ServerApp steps the aggregate with the simulation's server optimizer, each ClientApp trains with the
     simulation's proximal term: the same rows and uploads as `python -m celora` (the moments never travel)."""
     cfg = compose_cfg(*SAME, f"method={method}", "fl.rounds=3", *EXTRA[method])
-    seen = _recording(monkeypatch)
-    run(cfg, tmp_path / "sequential")
-    sequential_uploads = list(seen)
-    seen.clear()
-    grid = _local(cfg)
-    serve(grid, cfg, tmp_path / "flower")
-    _assert_same_rows(_rows(tmp_path / "sequential"), _rows(tmp_path / "flower"))
-    _assert_same_uploads(sequential_uploads, seen)
+    grid, sequential_uploads = _sequential_then_grid(cfg, tmp_path, monkeypatch)
     names = {name for m in grid.sent + grid.replies if not m.has_error() for record in m.content.array_records.values()
              for name in record}
     shared = {n for upload in sequential_uploads for state in upload.values() for n in state}
